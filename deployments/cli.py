@@ -1,0 +1,134 @@
+"""`musetalk-flow`: the project's command line (render, models, demo, and the long-lived services)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _engine(args):
+    from musetalk_engine.engine import Engine, EngineConfig
+
+    cfg = EngineConfig(models_dir=args.models, device=args.device, landmarks=args.landmarks,
+                       batch_size=args.batch_size, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    return Engine(cfg)
+
+
+def _render(engine, video: Path, audio: Path, out: Path) -> dict:
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="frame", desc="render", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = engine.render(video, audio, out, on_progress=progress)
+    finally:
+        bar.close()
+    m = result.metrics
+    print(f"{out}: {result.frames} frames, {result.duration_s:.2f}s, {m.fps:.1f} fps, wall {m.wall_s:.2f}s, "
+          f"avatar {'cached' if m.avatar_cached else 'prepared'}, {m.device}/{m.dtype}, batch {m.batch_size}, "
+          f"{m.encoder}, peak RSS {m.peak_rss_kb // 1024} MiB, stages {json.dumps(m.stage_times)}")
+    return m.as_dict()
+
+
+def cmd_generate(args) -> int:
+    _render(_engine(args), Path(args.video), Path(args.audio), Path(args.out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Everything made here: tiny random models, an astronaut clip, espeak speech; then one render."""
+    from musetalk_engine.sample_media import make_avatar_video, make_speech
+    from musetalk_engine.tiny import make_models
+    from musetalk_engine.weights import ModelPaths, missing_files
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.models == Path("models") and missing_files(ModelPaths(args.models)):
+        args.models = work / "tiny-models"
+        if missing_files(ModelPaths(args.models)):
+            print(f"writing tiny random-weight models to {args.models}")
+            make_models(args.models, "tiny")
+    video = make_avatar_video(work / "avatar.mp4", seconds=2.0, width=360, height=360)
+    audio = make_speech(work / "speech.wav", seconds=4.0)
+    _render(_engine(args), video, audio, Path(args.out))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from musetalk_engine.weights import ModelPaths, missing_files
+
+    if args.action == "make-tiny":
+        from musetalk_engine.tiny import make_models
+
+        make_models(args.dir, "full" if args.full else "tiny")
+        print(f"wrote {'full-size' if args.full else 'tiny'} random-weight models to {args.dir}")
+        return 0
+    if args.action == "download":
+        from musetalk_engine.download import download_models
+
+        for p in download_models(args.dir):
+            print(f"downloaded {p}")
+    missing = missing_files(ModelPaths(Path(args.dir)))
+    for p in missing:
+        print(f"missing: {p}", file=sys.stderr)
+    if not missing:
+        print(f"{args.dir}: all required model files present")
+    return 1 if missing else 0
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", type=Path, default=Path("models"), help="models directory (released layout)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--landmarks", default="auto", choices=["auto", "dwpose-onnx", "mmpose", "dlib"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help="avatar cache directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musetalk-flow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="render one lip-synced video")
+    g.add_argument("--video", required=True)
+    g.add_argument("--audio", required=True)
+    g.add_argument("--out", required=True)
+    _engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="render a demo on tiny models with media made on the spot")
+    d.add_argument("--out", default="demo.mp4")
+    d.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "musetalk-flow-demo"))
+    _engine_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="check, download or fake a models directory")
+    m.add_argument("action", choices=["check", "download", "make-tiny"])
+    m.add_argument("dir", type=Path)
+    m.add_argument("--full", action="store_true", help="make-tiny: write released-size random weights")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from musetalk_engine.errors import MuseTalkError
+
+    try:
+        return args.func(args)
+    except MuseTalkError as exc:
+        print(f"error ({exc.error_type}, stage {exc.stage}): {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

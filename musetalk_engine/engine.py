@@ -1,0 +1,206 @@
+"""The engine facade: load the models once, then prepare avatars and render jobs one after another.
+
+    engine = Engine(EngineConfig(models_dir="models"))
+    result = engine.render("avatar.mp4", "speech.wav", "out.mp4")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from . import audio as audio_mod
+from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
+from .errors import MediaError
+from .metrics import PeakVram, RenderMetrics, StageTimer, gpu_info, peak_rss_kb
+from .pipeline import render_stream
+from .render import FaceGenerator
+from .video import OutputShape, VideoWriter, decode_frames, probe_video
+from .weights import ModelPaths, check_models, load_unet, load_vae, load_whisper, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "musetalk-flow" / "avatars"
+
+
+class EngineConfig(BaseModel):
+    """How to load the engine (process-level; one engine per GPU)."""
+
+    models_dir: Path = Path("models")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
+    landmarks: str = "auto"  # auto | dwpose-onnx | mmpose | dlib
+    cache_dir: Path = DEFAULT_CACHE
+    batch_size: int | None = Field(None, ge=1, le=512)  # None: chosen from free VRAM
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def auto_batch_size(device: torch.device) -> int:
+    """Largest batch the free VRAM allows (≈6 GiB fixed + ≈0.15 GiB per frame at fp16), 8..64; 8 on CPU."""
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    per_frame, fixed = 0.15 * (1 << 30), 6 * (1 << 30)
+    return int(max(8, min(64, (free - fixed) // per_frame // 8 * 8)))
+
+
+@dataclass
+class RenderResult:
+    output: Path
+    frames: int
+    duration_s: float
+    metrics: RenderMetrics
+
+
+def _tiny_landmarks(models_dir: Path) -> str | None:
+    marker = models_dir / "tiny.json"
+    if marker.is_file():
+        return json.loads(marker.read_text()).get("landmarks")
+    return None
+
+
+class Engine:
+    """Models loaded once per process and kept warm; thread-safe for one render at a time."""
+
+    loads = 0  # how many engines this process has built (tests prove reuse with it)
+
+    def __init__(self, config: EngineConfig | None = None):
+        from .landmarks import build_analyzer
+        from .parsing import load_bisenet
+
+        self.config = config or EngineConfig()
+        self.paths = ModelPaths(Path(self.config.models_dir))
+        check_models(self.paths)
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        started = time.perf_counter()
+        self.unet = load_unet(self.paths, self.device, self.dtype)
+        self.vae = load_vae(self.paths, self.device, self.dtype)
+        self.extractor, self.whisper = load_whisper(self.paths, self.device, self.dtype)
+        self.parsing_net = load_bisenet(self.paths.bisenet, self.device, self.dtype)
+        backend = self.config.landmarks
+        if backend == "auto":
+            backend = _tiny_landmarks(self.paths.root) or "auto"
+        self.landmarks_backend = backend
+        self.analyzer = build_analyzer(self.paths.root, backend, str(self.device))
+        self.generator = FaceGenerator(self.unet, self.vae, self.device, self.dtype)
+        self.fingerprint = weights_fingerprint(self.paths)
+        self.avatars = AvatarCache(self.config.cache_dir)
+        self.gpu = gpu_info(self.device)
+        self.load_seconds = time.perf_counter() - started
+        self._lock = threading.Lock()
+        self.warm = False
+        Engine.loads += 1
+        log.info("engine loaded in %.1fs on %s (%s), landmarks=%s", self.load_seconds, self.device,
+                 self.dtype, backend)
+
+    # -- per video -------------------------------------------------------------------------------------
+    def prepare(self, video: str | Path, params: PrepareParams | None = None, *, batch_size: int | None = None,
+                timer: StageTimer | None = None) -> tuple[Avatar, bool]:
+        """The avatar for ``video``: from the cache when this video was prepared before, else computed and
+        stored. Returns (avatar, cached)."""
+        from .parsing import FaceParser
+
+        video = Path(video)
+        params = params or PrepareParams(landmarks=self.landmarks_backend)
+        timer = timer or StageTimer()
+        with timer.stage("prepare"):
+            sha = file_sha256(video)
+            key = avatar_key(sha, params, self.fingerprint)
+            cached = self.avatars.get(key)
+            if cached is not None:
+                return cached, True
+            parser = FaceParser(self.parsing_net, self.device, self.dtype, mode=params.parsing_mode,
+                                left_cheek_width=params.left_cheek_width,
+                                right_cheek_width=params.right_cheek_width)
+            avatar = prepare_avatar(video, analyzer=self.analyzer, parser=parser, vae=self.vae,
+                                    device=self.device, dtype=self.dtype, params=params,
+                                    video_sha256=sha, weights_fp=self.fingerprint,
+                                    batch_size=batch_size or self.batch_size())
+            self.avatars.put(key, avatar)
+            return avatar, False
+
+    # -- per audio -------------------------------------------------------------------------------------
+    def audio_windows(self, audio: str | Path, fps: float = 25.0) -> torch.Tensor:
+        """Per-frame Whisper windows [T, 50, 384] for the whole speech track (on the model's device)."""
+        samples = audio_mod.load_audio(audio)
+        n_frames = audio_mod.frame_count(len(samples), fps)
+        if n_frames == 0:
+            raise MediaError(f"the audio {Path(audio).name!r} is shorter than one video frame",
+                             stage="validation")
+        states = audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype)
+        return audio_mod.frame_windows(states, n_frames, fps)
+
+    def batch_size(self) -> int:
+        return self.config.batch_size or auto_batch_size(self.device)
+
+    # -- per job ---------------------------------------------------------------------------------------
+    def render(self, video: str | Path, audio: str | Path, out: str | Path, *,
+               params: PrepareParams | None = None, batch_size: int | None = None,
+               shape: OutputShape | None = None, windows: torch.Tensor | None = None,
+               avatar: Avatar | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> RenderResult:
+        """Render one job: avatar (cached) + audio windows → MP4 at ``out``. One render at a time."""
+        video, audio, out = Path(video), Path(audio), Path(out)
+        params = params or PrepareParams(landmarks=self.landmarks_backend)
+        batch = batch_size or self.batch_size()
+        with self._lock:
+            timer = StageTimer()
+            wall_start = time.perf_counter()
+            with PeakVram(self.device) as vram:
+                if avatar is None:
+                    avatar, cached = self.prepare(video, params, batch_size=batch, timer=timer)
+                else:
+                    cached = True
+                if windows is None:
+                    with timer.stage("audio"):
+                        windows = self.audio_windows(audio, params.fps)
+                info = probe_video(video)
+                gen_start = time.perf_counter()
+                writer = VideoWriter(out, avatar.width, avatar.height, avatar.fps, audio, shape=shape)
+                try:
+                    batch = render_stream(avatar=avatar, frames=decode_frames(video, avatar.fps, info),
+                                          windows=windows, generator=self.generator, writer=writer,
+                                          batch_size=batch, timer=timer, on_progress=on_progress)
+                    with timer.stage("encode"):
+                        writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                generation = time.perf_counter() - gen_start
+            metrics = RenderMetrics(
+                frames=int(windows.shape[0]), fps_out=avatar.fps, wall_s=time.perf_counter() - wall_start,
+                generation_s=generation, stage_times=timer.as_dict(), peak_vram_mib=round(vram.torch_mib, 1),
+                peak_vram_nvml_mib=None if vram.nvml_mib is None else round(vram.nvml_mib, 1),
+                peak_rss_kb=peak_rss_kb(), gpu_class=self.gpu["name"], batch_size=batch,
+                encoder=writer.encoder, avatar_cached=cached, device=str(self.device),
+                dtype=str(self.dtype).replace("torch.", ""))
+            return RenderResult(out, metrics.frames, metrics.frames / avatar.fps, metrics)
+
+    def warmup(self) -> None:
+        """One small forward pass through every per-frame model so the first job pays no lazy init."""
+        with self._lock, torch.inference_mode():
+            latents = torch.zeros(1, 8, 32, 32)
+            windows = torch.zeros(1, 50, 384)
+            self.generator.generate(latents, windows)
+            self.warm = True

@@ -1,0 +1,136 @@
+"""What a render cost: stage times, peak memory (torch, NVML, RSS) and which GPU did it."""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+STAGES = ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode")
+
+
+class StageTimer:
+    """Accumulates seconds per stage; safe to use from the pipeline's threads."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._times[name] += seconds
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(self._times.get(k, 0.0), 4) for k in (*STAGES, *sorted(set(self._times) - set(STAGES)))}
+
+
+def peak_rss_kb() -> int:
+    """Peak resident set size of this process in KiB (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _nvml():
+    try:
+        import pynvml  # nvidia-ml-py
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # NVMLError_LibraryNotFound without a GPU driver; any import problem alike
+        return None
+
+
+def gpu_info(device: torch.device | None = None) -> dict:
+    """Name, memory and driver of the GPU in use (``{"name": "cpu"}`` without one)."""
+    if device is None or device.type != "cuda":
+        return {"name": "cpu", "memory_mib": None, "driver": None}
+    index = device.index or 0
+    info = {"name": torch.cuda.get_device_name(index),
+            "memory_mib": torch.cuda.get_device_properties(index).total_memory // (1 << 20), "driver": None}
+    nvml = _nvml()
+    if nvml is not None:
+        try:
+            info["driver"] = nvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    return info
+
+
+class PeakVram:
+    """Peak GPU memory during a block: torch's allocator peak, and NVML's device-wide reading sampled on a
+    thread (it also sees cuDNN workspaces and other processes' memory)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device = device
+        self.interval = interval
+        self.torch_mib = 0.0
+        self.nvml_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakVram":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            nvml = _nvml()
+            if nvml is not None:
+                handle = nvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+                self.nvml_mib = 0.0
+                self._thread = threading.Thread(target=self._poll, args=(nvml, handle), daemon=True)
+                self._thread.start()
+        return self
+
+    def _poll(self, nvml, handle) -> None:
+        while not self._stop.is_set():
+            used = nvml.nvmlDeviceGetMemoryInfo(handle).used / (1 << 20)
+            self.nvml_mib = max(self.nvml_mib or 0.0, used)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.device.type == "cuda":
+            self.torch_mib = torch.cuda.max_memory_allocated(self.device) / (1 << 20)
+
+
+@dataclass
+class RenderMetrics:
+    """One render's measurements; ``as_dict`` gives the JSON the service reports."""
+
+    frames: int = 0
+    fps_out: float = 25.0
+    wall_s: float = 0.0
+    generation_s: float = 0.0  # model + blend + encode once inputs are ready
+    stage_times: dict[str, float] = field(default_factory=dict)
+    peak_vram_mib: float = 0.0
+    peak_vram_nvml_mib: float | None = None
+    peak_rss_kb: int = 0
+    gpu_class: str = "cpu"
+    batch_size: int = 0
+    encoder: str = ""
+    avatar_cached: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["fps"] = round(self.fps, 3)
+        d["wall_s"] = round(self.wall_s, 4)
+        d["generation_s"] = round(self.generation_s, 4)
+        return d

@@ -1,0 +1,157 @@
+"""The streamed render: source decode → UNet + VAE decode → blend → encode, as overlapping stages.
+
+Each stage runs on its own thread (torch, cv2 and pipe writes release the GIL) and hands work on through
+bounded queues, so the GPU never waits for blending or encoding and memory stays flat. Any stage's failure
+stops all of them and is re-raised in the caller."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .avatar import Avatar
+from .blend import paste_face
+from .cycle import cycle_indices
+from .metrics import StageTimer
+from .render import FaceGenerator
+from .video import VideoWriter
+
+_END = object()
+
+
+class _Stopped(Exception):
+    """Another stage failed; this one leaves quietly."""
+
+
+class _Channel:
+    """A bounded queue whose put/get give up as soon as the pipeline is stopping."""
+
+    def __init__(self, stop: threading.Event, maxsize: int):
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = stop
+
+    def put(self, item) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+
+def source_frames(frames: Iterator[np.ndarray], order: np.ndarray, n_source: int,
+                  timer: StageTimer) -> Iterator[np.ndarray]:
+    """Source frames in output order; kept in memory only when the output runs past one forward pass."""
+    keep = len(order) > n_source
+    kept: list[np.ndarray] = []
+    last = None
+    for t, i in enumerate(order):
+        if t < n_source:  # the first pass is plain forward: stream it
+            with timer.stage("decode"):
+                frame = next(frames, None)
+            frame = last if frame is None else frame  # a stream one frame short repeats its last
+            last = frame
+            if keep:
+                kept.append(frame)
+            yield frame
+        else:
+            yield kept[min(int(i), len(kept) - 1)]
+
+
+def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torch.Tensor,
+                  generator: FaceGenerator, writer: VideoWriter, batch_size: int, timer: StageTimer,
+                  on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Render ``len(windows)`` frames into ``writer``; returns the batch size finally used (halved once on OOM)."""
+    total = int(windows.shape[0])
+    order = cycle_indices(avatar.n_frames, total)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    sources = _Channel(stop, maxsize=4 * batch_size)
+    faces_q = _Channel(stop, maxsize=3)
+    out_q = _Channel(stop, maxsize=2 * batch_size)
+    latents = torch.from_numpy(avatar.latents)
+    if generator.device.type == "cuda":
+        latents = latents.pin_memory()
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
+                errors.append(exc)
+                stop.set()
+        return run
+
+    def decode_stage():
+        for frame in source_frames(frames, order, avatar.n_frames, timer):
+            sources.put(frame)
+
+    def blend_stage():
+        while (item := faces_q.get()) is not _END:
+            start, faces = item
+            for j, face in enumerate(faces):
+                i = int(order[start + j])
+                frame = np.array(sources.get())  # decoded buffers are read-only; the copy is the output
+                if avatar.face_found[i]:  # frames without a face pass through untouched
+                    with timer.stage("blend"):
+                        paste_face(frame, face, tuple(avatar.boxes[i]), avatar.masks[i],
+                                   tuple(avatar.crop_boxes[i]))
+                out_q.put(frame)
+        out_q.put(_END)
+
+    def encode_stage():
+        done = 0
+        while (frame := out_q.get()) is not _END:
+            with timer.stage("encode"):
+                writer.write(frame)
+            done += 1
+            if on_progress and (done % 10 == 0 or done == total):
+                on_progress(done, total)
+
+    threads = [threading.Thread(target=guarded(f), name=f"render-{f.__name__}", daemon=True)
+               for f in (decode_stage, blend_stage, encode_stage)]
+    for th in threads:
+        th.start()
+
+    def gpu_stage():
+        nonlocal batch_size
+        halved = False
+        start = 0
+        while start < total:
+            idx = torch.as_tensor(order[start:start + batch_size])
+            try:
+                faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
+            except torch.OutOfMemoryError:
+                if halved or batch_size == 1:
+                    raise
+                halved = True  # one retry at half the batch, then give up
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            faces_q.put((start, faces.cpu().numpy()))
+            start += len(idx)
+        faces_q.put(_END)
+
+    guarded(gpu_stage)()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return batch_size
