@@ -40,6 +40,8 @@ class EngineConfig(BaseModel):
     landmarks: str = "auto"  # auto | dwpose-onnx | mmpose | dlib
     cache_dir: Path = DEFAULT_CACHE
     batch_size: int | None = Field(None, ge=1, le=512)  # None: chosen from free VRAM
+    unet_weights: Path | None = None  # defaults to models_dir/musetalkV15/unet.pth
+    unet_config: Path | None = None  # defaults to models_dir/musetalkV15/musetalk.json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,7 +91,7 @@ class Engine:
         from .parsing import load_bisenet
 
         self.config = config or EngineConfig()
-        self.paths = ModelPaths(Path(self.config.models_dir))
+        self.paths = ModelPaths(Path(self.config.models_dir), self.config.unet_weights, self.config.unet_config)
         check_models(self.paths)
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
@@ -141,15 +143,22 @@ class Engine:
             return avatar, False
 
     # -- per audio -------------------------------------------------------------------------------------
+    def encode_audio(self, audio: str | Path) -> tuple[torch.Tensor, int]:
+        """Whisper encoder states [steps, 5, 384] of the whole speech track, and its sample count."""
+        samples = audio_mod.load_audio(audio)
+        return audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype), len(samples)
+
+    def windows_from_states(self, states: torch.Tensor, n_samples: int, fps: float, name: str = "audio"):
+        """Per-frame windows [T, 50, 384] from encoder states (cheap indexing, no model)."""
+        n_frames = audio_mod.frame_count(n_samples, fps)
+        if n_frames == 0:
+            raise MediaError(f"the {name} is shorter than one video frame", stage="validation")
+        return audio_mod.frame_windows(states.to(self.device, self.dtype), n_frames, fps)
+
     def audio_windows(self, audio: str | Path, fps: float = 25.0) -> torch.Tensor:
         """Per-frame Whisper windows [T, 50, 384] for the whole speech track (on the model's device)."""
-        samples = audio_mod.load_audio(audio)
-        n_frames = audio_mod.frame_count(len(samples), fps)
-        if n_frames == 0:
-            raise MediaError(f"the audio {Path(audio).name!r} is shorter than one video frame",
-                             stage="validation")
-        states = audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype)
-        return audio_mod.frame_windows(states, n_frames, fps)
+        states, n_samples = self.encode_audio(audio)
+        return self.windows_from_states(states, n_samples, fps, f"audio {Path(audio).name!r}")
 
     def batch_size(self) -> int:
         return self.config.batch_size or auto_batch_size(self.device)

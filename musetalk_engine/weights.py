@@ -23,14 +23,16 @@ class ModelPaths:
     """Where each released file lives under a models directory (MuseTalk's own layout)."""
 
     root: Path
+    unet_weights_path: Path | None = None  # MUSETALK_UNET_MODEL_PATH overrides
+    unet_config_path: Path | None = None  # MUSETALK_UNET_CONFIG overrides
 
     @property
     def unet_weights(self) -> Path:
-        return self.root / "musetalkV15" / "unet.pth"
+        return self.unet_weights_path or self.root / "musetalkV15" / "unet.pth"
 
     @property
     def unet_config(self) -> Path:
-        return self.root / "musetalkV15" / "musetalk.json"
+        return self.unet_config_path or self.root / "musetalkV15" / "musetalk.json"
 
     @property
     def vae_dir(self) -> Path:
@@ -107,7 +109,7 @@ def weights_fingerprint(paths: ModelPaths) -> str:
         if not f.is_file():
             continue
         size = f.stat().st_size
-        h.update(f"{f.relative_to(paths.root)}:{size}".encode())
+        h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 2 << 20:

@@ -1,0 +1,150 @@
+"""The `generate` flow: one job in, the `/generate` response body out (DESIGN §4).
+
+    download → validate → prepare avatar (cached) + audio features (cached) → render → upload
+
+Every stage's wall time is measured; any failure becomes the contract's structured failure body and the
+flow run ends Failed (with that body as its data), so Prefect's UI shows failed jobs as failed."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Failed
+from pydantic import BaseModel
+
+from musetalk_engine import MODEL_VERSION
+from musetalk_engine.avatar import file_sha256
+from tasks.engine import get_engine
+from tasks.fetch import fetch_input, validate_input
+from tasks.job import JobRequest, failure_body
+from tasks.media import audio_features, prepare_avatar, render, result_storage
+from tasks.progress import ProgressReporter
+from tasks.settings import get_settings
+from tasks.storage import build_sidecar, safe_job_id, storage_from_settings, upload_result
+
+
+class JobOutcome(BaseModel):
+    """What a caller of the flow gets: the HTTP status and the response body."""
+
+    http_status: int
+    body: dict[str, Any]
+
+
+class _Stages:
+    """Wall time per contract stage, and which stage is running (for failure bodies)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.current = "validation"
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.current = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOutcome:
+    """The job's steps; callable inside any flow (``generate`` and ``batch`` share it)."""
+    settings = get_settings()
+    started = time.perf_counter()
+    stages = _Stages()
+    logger = get_run_logger()
+    job_id = str(job_data.get("musetalk_job_id") or "")
+    reporter = ProgressReporter.from_settings(job_id, settings) if job_id else ProgressReporter(None, "")
+    try:
+        with stages("validation"):
+            job = JobRequest.parse(job_data)
+            safe_id = safe_job_id(job.musetalk_job_id)
+        reporter.update("preparing", 0.0)
+        work = Path(settings.resolve(settings.musetalk_workdir) / "tmp")
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"job-{safe_id}-", dir=work) as tmp:
+            tmp_path = Path(tmp)
+            with stages("download"):
+                video = fetch_input(job.video_url, tmp_path / "video", "video")
+                audio = fetch_input(job.audio_url, tmp_path / "audio", "audio")
+            with stages("validation"):
+                validate_input(video, "video")
+                validate_input(audio, "audio")
+            with stages("preprocessing"):
+                engine = get_engine(settings)
+                params = job.params.prepare_params(engine.landmarks_backend).model_dump()
+                video_sha, audio_sha = file_sha256(video), file_sha256(audio)
+                storage_path = result_storage()
+                avatar_state = prepare_avatar.with_options(result_storage=storage_path)(
+                    video, video_sha, params, return_state=True)
+                avatar = avatar_state.result()
+                # skipped when Prefect's cache answered or the engine's avatar cache already had it
+                avatar_cached = avatar_state.name == "Cached" or bool(avatar["engine_cache_hit"])
+                audio_features.with_options(result_storage=storage_path)(audio, audio_sha)
+                reporter.update("preparing", 0.1)
+
+            def progress(done: int, total: int) -> None:
+                reporter.update("inferring", 0.1 + 0.8 * done / max(total, 1))
+
+            with stages("inference"):
+                out = tmp_path / f"{safe_id}.mp4"
+                result = render(video, audio, out, audio_sha256=audio_sha, params=params,
+                                batch_size=job.params.batch_size,
+                                aspect_ratio=None if job.params.keep_source_size else job.aspect_ratio,
+                                resolution=None if job.params.keep_source_size else job.resolution,
+                                on_progress=progress)
+            with stages("postprocessing"):
+                reporter.update("encoding", 0.9)
+                m = result.metrics
+                metrics = {
+                    "GENERATION_TIME_SEC": round(m.generation_s, 3),
+                    "SCRIPT_WALL_TIME_SEC": round(time.perf_counter() - started, 3),
+                    "PEAK_VRAM_MIB": m.peak_vram_nvml_mib or m.peak_vram_mib,
+                    "PEAK_RAM_KB": m.peak_rss_kb,
+                    "gpu_class": settings.gpu_class_name or m.gpu_class,
+                    "frames": m.frames, "fps": round(m.fps, 2), "batch_size": m.batch_size,
+                    "avatar_cached": avatar_cached,
+                    "engine_stage_times": m.stage_times,
+                }
+                sidecar = build_sidecar(job.musetalk_job_id, queue_job_id=queue_job_id,
+                                        gpu_class=metrics["gpu_class"], aspect_ratio=job.aspect_ratio,
+                                        resolution=job.resolution, metrics=metrics)
+            with stages("upload"):
+                reporter.update("uploading", 0.95)
+                stored = upload_result(safe_id, out, sidecar, storage=storage_from_settings(settings))
+        metrics["stage_times"] = dict(stages.times)
+        metrics["total_time"] = round(time.perf_counter() - started, 3)
+        metrics["SCRIPT_WALL_TIME_SEC"] = metrics["total_time"]
+        body = {"status": "ok", "b2_bucket": stored.bucket, "b2_file_name": stored.file_name,
+                "output_url": stored.output_url, "musetalk_job_id": job.musetalk_job_id,
+                "model_version": MODEL_VERSION, "metrics": metrics}
+        reporter.finish(metrics)
+        logger.info("job %s done: %d frames in %.2fs", job.musetalk_job_id, m.frames, metrics["total_time"])
+        return JobOutcome(http_status=200, body=body)
+    except Exception as exc:  # every failure becomes the contract's body; nothing escapes as a crash
+        status, body = failure_body(exc, dict(stages.times), stages.current)
+        body["musetalk_job_id"] = job_id or None
+        reporter.fail({"type": body["error_type"], "message": body["error_message"], "stage": body["stage"]})
+        logger.warning("job %s failed at %s: %s", job_id, body["stage"], body["error_message"])
+        return JobOutcome(http_status=status, body=body)
+    finally:
+        reporter.close()
+
+
+@flow(name="generate", log_prints=True)
+def generate(job: dict[str, Any], queue_job_id: str | None = None):
+    """One lip-sync job (the `/generate` body); returns a JobOutcome, or ends Failed carrying one."""
+    outcome = run_job(job, queue_job_id)
+    if outcome.http_status != 200:
+        return Failed(message=outcome.body["error_message"], data=outcome.model_dump())
+    return outcome.model_dump()
+
+
+def outcome_of(state) -> JobOutcome:
+    """The JobOutcome of a finished `generate` state (completed or failed)."""
+    return JobOutcome.model_validate(state.result(raise_on_failure=False))

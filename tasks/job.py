@@ -1,0 +1,70 @@
+"""The job request of the HTTP contract (DESIGN §4) and the response bodies it gets back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from musetalk_engine.avatar import PrepareParams
+from musetalk_engine.errors import MediaError, MuseTalkError
+from musetalk_engine.framing import validate_framing
+
+
+class JobParams(BaseModel):
+    """Optional engine overrides a job may carry in ``params``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int | None = Field(None, ge=1, le=256)
+    extra_margin: int = Field(10, ge=0, le=100)
+    parsing_mode: str = Field("jaw", pattern="^(jaw|raw)$")
+    left_cheek_width: int = Field(90, ge=0, le=256)
+    right_cheek_width: int = Field(90, ge=0, le=256)
+    fps: float = Field(25.0, gt=0, le=60)
+    keep_source_size: bool = False  # ignore aspect_ratio/resolution and keep the source frame
+
+    def prepare_params(self, landmarks: str) -> PrepareParams:
+        return PrepareParams(fps=self.fps, extra_margin=self.extra_margin, parsing_mode=self.parsing_mode,
+                             left_cheek_width=self.left_cheek_width, right_cheek_width=self.right_cheek_width,
+                             landmarks=landmarks)
+
+
+class JobRequest(BaseModel):
+    """``POST /generate`` body; also one row of a batch manifest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    musetalk_job_id: str = Field(min_length=1)
+    video_url: str = Field(min_length=1)
+    audio_url: str = Field(min_length=1)
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    params: JobParams = Field(default_factory=JobParams)
+
+    @classmethod
+    def parse(cls, data: Any) -> "JobRequest":
+        """Validate a request, turning every problem into a 422 ``media_error`` naming the field."""
+        try:
+            job = cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                                 for e in exc.errors())
+            raise MediaError(f"invalid job request: {problems}", stage="validation") from None
+        validate_framing(job.aspect_ratio, job.resolution)
+        return job
+
+
+def failure_body(exc: BaseException, stage_times: dict[str, float], stage: str = "inference") -> tuple[int, dict]:
+    """(HTTP status, body) for a failed job: 422 for bad media, 500 for worker faults."""
+    if isinstance(exc, MuseTalkError):
+        status = 422 if exc.error_type == "media_error" else 500
+        body = {"status": "failed", "error_type": exc.error_type, "error_message": exc.message,
+                "stage": exc.stage, "details": exc.details, "retryable": exc.retryable}
+    else:  # an unexpected crash is a worker fault; retrying on another worker may help
+        status = 500
+        body = {"status": "failed", "error_type": "processing_error",
+                "error_message": f"{type(exc).__name__}: {exc}"[:500], "stage": stage, "details": {},
+                "retryable": True}
+    body["stage_times"] = stage_times
+    return status, body

@@ -1,0 +1,272 @@
+"""SaladCloud public API client (container groups, instances, job queues) and Prefect tasks over it.
+
+Every call carries the `Salad-Api-Key` header; the key is a `SecretStr` and never appears in logs,
+exceptions, task parameters or results. Tasks build their client from the environment
+(`salad_client_from_env`), so no secret is ever a Prefect parameter.
+
+Retries: GET/PATCH/start/stop are idempotent and are retried (bounded, with backoff that honours
+`Retry-After`) on 429, 5xx and connection errors. Job creation is retried only on 429 and on failures to
+connect, where the server cannot have created the job; a 5xx there is raised, not repeated, so a job is
+never queued twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping, Optional, Union
+from urllib.parse import quote
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.salad.com/api/public"
+MERGE_PATCH = "application/merge-patch+json"
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+_EXCERPT = 300
+
+# Environment names (DESIGN §7); SALAD_API_BASE_URL is an optional extra for staging and tests.
+ENV_API_KEY = "SALAD_API_KEY"
+ENV_ORG = "SALAD_ORG_NAME"
+ENV_PROJECT = "SALAD_PROJECT_NAME"
+ENV_BASE_URL = "SALAD_API_BASE_URL"
+
+
+class SaladApiError(RuntimeError):
+    """A failed Salad API call: HTTP status (None: no response), method, path and a body excerpt."""
+
+    def __init__(self, method: str, path: str, status: Optional[int], excerpt: str) -> None:
+        self.method = method
+        self.path = path
+        self.status_code = status
+        self.excerpt = excerpt
+        where = f"{method} {path}"
+        what = f"HTTP {status}" if status is not None else "no response"
+        super().__init__(f"Salad API {where} failed: {what}: {excerpt}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_code is None or self.status_code in _RETRY_STATUSES
+
+
+class SaladClient:
+    """Synchronous client for one organization/project of the SaladCloud public API."""
+
+    def __init__(
+        self,
+        api_key: Union[SecretStr, str],
+        org: str,
+        project: str,
+        base_url: str = DEFAULT_BASE_URL,
+        transport: Optional[httpx.BaseTransport] = None,
+        *,
+        timeout_s: float = 30.0,
+        max_attempts: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self._key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
+        if not self._key.get_secret_value():
+            raise ValueError("Salad API key is empty")
+        if not org or not project:
+            raise ValueError("Salad organization and project names are required")
+        self.org = org
+        self.project = project
+        self.base_url = base_url.rstrip("/")
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            transport=transport,
+            timeout=timeout_s,
+            headers={"Salad-Api-Key": self._key.get_secret_value(), "Accept": "application/json"},
+        )
+
+    def __repr__(self) -> str:
+        return f"SaladClient(org={self.org!r}, project={self.project!r}, base_url={self.base_url!r})"
+
+    # -- lifecycle
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "SaladClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- container groups
+    def get_container_group(self, name: str) -> dict[str, Any]:
+        return self._request("GET", self._project_path("containers", name))
+
+    def set_replicas(self, name: str, replicas: int) -> dict[str, Any]:
+        """PATCH the replica count (JSON merge patch)."""
+        if replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        return self._request(
+            "PATCH",
+            self._project_path("containers", name),
+            body={"replicas": int(replicas)},
+            content_type=MERGE_PATCH,
+        )
+
+    def start(self, name: str) -> None:
+        self._request("POST", self._project_path("containers", name, "start"))
+
+    def stop(self, name: str) -> None:
+        self._request("POST", self._project_path("containers", name, "stop"))
+
+    def list_instances(self, name: str) -> list[dict[str, Any]]:
+        body = self._request("GET", self._project_path("containers", name, "instances"))
+        return list(body.get("instances", [])) if isinstance(body, dict) else list(body or [])
+
+    # -- queues and jobs
+    def get_queue(self, queue: str) -> dict[str, Any]:
+        return self._request("GET", self._project_path("queues", queue))
+
+    def get_queue_length(self, queue: str) -> int:
+        """The queue's `current_queue_length` (jobs waiting)."""
+        body = self.get_queue(queue)
+        value = body.get("current_queue_length") if isinstance(body, dict) else None
+        if value is None:
+            raise SaladApiError("GET", self._project_path("queues", queue), 200,
+                                "response has no current_queue_length")
+        return int(value)
+
+    def create_job(
+        self,
+        queue: str,
+        input: Mapping[str, Any],  # noqa: A002 - the API's field name
+        metadata: Optional[Mapping[str, Any]] = None,
+        webhook: Optional[str] = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": dict(input)}
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
+        if webhook is not None:
+            body["webhook"] = webhook
+        return self._request(
+            "POST", self._project_path("queues", queue, "jobs"), body=body, idempotent=False
+        )
+
+    def get_job(self, queue: str, job_id: str) -> dict[str, Any]:
+        """A queue job; `status` is one of pending|running|succeeded|cancelled|failed."""
+        return self._request("GET", self._project_path("queues", queue, "jobs", job_id))
+
+    # -- plumbing
+    def _project_path(self, *parts: str) -> str:
+        segs = ["organizations", self.org, "projects", self.project, *parts]
+        return "/" + "/".join(quote(str(s), safe="") for s in segs)
+
+    def _redact(self, text: str) -> str:
+        key = self._key.get_secret_value()
+        return text.replace(key, "***") if key else text
+
+    def _delay(self, attempt: int, response: Optional[httpx.Response]) -> float:
+        delay = self.backoff_s * (2 ** (attempt - 1))
+        if response is not None:
+            try:
+                delay = max(delay, float(response.headers.get("Retry-After", "")))
+            except ValueError:
+                pass
+        return min(delay, self.max_backoff_s)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[Any] = None,
+        content_type: str = "application/json",
+        idempotent: bool = True,
+    ) -> Any:
+        content = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": content_type} if content is not None else None
+        for attempt in range(1, self.max_attempts + 1):
+            last = attempt == self.max_attempts
+            try:
+                resp = self._http.request(method, path, content=content, headers=headers)
+            except httpx.TransportError as exc:
+                may_retry = idempotent or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+                log.warning("Salad API %s %s: %s (attempt %d)", method, path, type(exc).__name__, attempt)
+                if last or not may_retry:
+                    raise SaladApiError(method, path, None, type(exc).__name__) from None
+                time.sleep(self._delay(attempt, None))
+                continue
+            if resp.is_success:
+                log.info("Salad API %s %s -> %d", method, path, resp.status_code)
+                if not resp.content:
+                    return {}
+                try:
+                    return resp.json()
+                except ValueError:
+                    return {"raw": resp.text[:_EXCERPT]}
+            may_retry = resp.status_code == 429 or (idempotent and resp.status_code in _RETRY_STATUSES)
+            log.warning("Salad API %s %s -> %d (attempt %d)", method, path, resp.status_code, attempt)
+            if last or not may_retry:
+                excerpt = self._redact(" ".join(resp.text.split()))[:_EXCERPT]
+                raise SaladApiError(method, path, resp.status_code, excerpt)
+            time.sleep(self._delay(attempt, resp))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def salad_client_from_env(env: Optional[Mapping[str, str]] = None, **kwargs: Any) -> SaladClient:
+    """Build a client from SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME (and SALAD_API_BASE_URL)."""
+    env = os.environ if env is None else env
+    missing = [n for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT) if not env.get(n)]
+    if missing:
+        raise RuntimeError(f"Salad API settings missing from the environment: {', '.join(missing)}")
+    return SaladClient(
+        SecretStr(env[ENV_API_KEY]),
+        env[ENV_ORG],
+        env[ENV_PROJECT],
+        base_url=env.get(ENV_BASE_URL) or DEFAULT_BASE_URL,
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------- Prefect tasks
+# Reads are never cached (a stale queue length or replica count is worse than none). The client already
+# retries transient faults; the task retries once more later, but never a final 4xx (bad key, no group).
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    exc = getattr(state, "data", None)
+    return not (isinstance(exc, SaladApiError) and not exc.retryable)
+
+
+_TASK_OPTS: dict[str, Any] = {
+    "retries": 1,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": _worth_retrying,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="salad-queue-length", **_TASK_OPTS)
+def read_queue_length(queue_name: str) -> int:
+    """Jobs waiting in a Salad job queue."""
+    with salad_client_from_env() as client:
+        return client.get_queue_length(queue_name)
+
+
+@task(name="salad-replicas", **_TASK_OPTS)
+def read_replicas(container_groups: list[str]) -> dict[str, int]:
+    """Configured replica count of each container group."""
+    with salad_client_from_env() as client:
+        return {name: int(client.get_container_group(name).get("replicas", 0)) for name in container_groups}
+
+
+@task(name="salad-set-replicas", **_TASK_OPTS)
+def write_replicas(container_group: str, replicas: int) -> int:
+    """Set a container group's replica count; returns the count the API reports back."""
+    with salad_client_from_env() as client:
+        body = client.set_replicas(container_group, replicas)
+    return int(body.get("replicas", replicas)) if isinstance(body, dict) else replicas
