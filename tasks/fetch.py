@@ -1,0 +1,557 @@
+"""Inputs: download a customer's media URL safely, then probe it with ffprobe.
+
+Download policy (:func:`download`):
+
+* http(s) only; plain paths and ``file://`` only with ``MUSETALK_ALLOW_LOCAL_FILES`` (CLI, batch).
+* SSRF guard: the host is resolved and every address must be globally routable unicast (no loopback,
+  private, link-local incl. the 169.254.169.254 metadata service, shared, unspecified, multicast or
+  reserved ranges) unless ``MUSETALK_ALLOW_PRIVATE_URLS``. Redirects are followed by hand (at most
+  :data:`MAX_REDIRECTS`, loops refused) so every hop is checked, and the connected peer address is
+  checked again once the response arrives, which defeats DNS rebinding between check and connect.
+* Transient failures (connect errors, timeouts, 408/429/5xx) get :data:`ATTEMPTS` attempts with
+  exponential backoff from ``MUSETALK_DOWNLOAD_RETRY_BASE_SEC``; other 4xx fail at once. When all
+  attempts fail the input is reported as unreachable: a :class:`MediaError` (422), per DESIGN §4.
+* Broken HTTP framing (``RemoteProtocolError``: a chunked body cut short, a connection closed early):
+  the next attempt is made at once with ``Connection: close``, and on that attempt, if the server sent
+  no Content-Length, the bytes read until the connection closed are accepted (that is what an HTTP/1.0
+  body is). :func:`probe_media` then decides whether they are a usable media file. With a
+  Content-Length, a short body is never accepted.
+* ``MUSETALK_MAX_DOWNLOAD_MB`` is enforced from Content-Length and again while streaming;
+  ``MUSETALK_DOWNLOAD_TIMEOUT_SEC`` bounds the whole download, retries included.
+* The first bytes are sniffed: a web page, JSON, XML or plain text is refused (a login page or an
+  error document served with status 200 is the usual cause). Empty bodies are refused.
+* Bytes go to a hidden temp name beside ``dest`` and are renamed on success, so ``dest`` is never partial.
+
+Error messages name the input ("the video URL …") and never echo a URL's query string, which often
+holds a signature.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["video", "audio"]
+
+ATTEMPTS = 3
+MAX_REDIRECTS = 5
+SNIFF_BYTES = 512
+PROBE_TIMEOUT_SEC = 30.0
+USER_AGENT = "musetalk-flow/0.1"
+
+# ffprobe format/codec names of single still images (accepted as a still avatar).
+IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe"}
+IMAGE_CODECS = {"png", "mjpeg", "webp", "bmp", "tiff"}
+
+
+class _Transient(Exception):
+    """A failure worth another attempt; ``framing`` marks broken HTTP framing (see module doc)."""
+
+    def __init__(self, reason: str, *, framing: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.framing = framing
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+
+
+def display_url(url: str) -> str:
+    """``url`` without credentials, query or fragment: safe for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<invalid URL>"
+    if not parts.scheme:
+        return parts.path
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _label(kind: str) -> str:
+    return f"the {kind} URL"
+
+
+def _blocked(address: str) -> bool:
+    """True for any address that is not globally routable unicast."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever the IPv6 rules say
+    return not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+
+
+def check_url_allowed(url: str, settings: Settings, kind: str = "input") -> None:
+    """SSRF guard for one URL (one redirect hop): scheme http(s) and only public addresses.
+
+    Raises :class:`MediaError` (stage download) when refused; a temporary DNS failure is transient.
+    """
+    label = _label(kind)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise MediaError(f"{label} is not a valid URL", stage="download") from None
+    if parts.scheme not in ("http", "https"):
+        raise MediaError(f"{label} must use http or https (got {parts.scheme or 'no'} scheme)",
+                         stage="download", details={"url": display_url(url)})
+    host = parts.hostname
+    if not host:
+        raise MediaError(f"{label} has no host name", stage="download")
+    if settings.musetalk_allow_private_urls:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise _Transient(f"DNS lookup of {host} failed temporarily") from None
+        raise MediaError(f"{label} host {host!r} could not be resolved", stage="download",
+                         details={"url": display_url(url)}) from None
+    for *_, sockaddr in infos:
+        if _blocked(str(sockaddr[0])):
+            raise MediaError(
+                f"{label} points to a private or reserved network address ({host}); only public "
+                "URLs are accepted", stage="download", details={"url": display_url(url)})
+
+
+def _check_peer(response: httpx.Response, settings: Settings, kind: str) -> None:
+    """Re-check the address actually connected to (DNS may have changed since the guard resolved it)."""
+    if settings.musetalk_allow_private_urls:
+        return
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if peer and _blocked(str(peer[0])):
+        raise MediaError(f"{_label(kind)} connected to a private network address; only public URLs "
+                         "are accepted", stage="download", details={"url": display_url(str(response.url))})
+
+
+# ------------------------------------------------------------------------------------------ sniffing
+
+
+def sniff_non_media(head: bytes) -> str | None:
+    """What the first bytes are when they are clearly not media ("a web page", "JSON", …), else None."""
+    body = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not body:
+        return None
+    lower = body[:64].lower()
+    if lower.startswith(b"<?xml"):
+        return "an XML document"
+    if lower.startswith(b"<"):
+        return "a web page"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # a bad byte early on: binary; at the very end: a cut character
+            return None
+        text = head[: exc.start].decode("utf-8")
+    if all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+        return "JSON" if body[:1] in (b"{", b"[") else "text"
+    return None
+
+
+def _refuse_non_media(head: bytes, kind: str, url: str) -> None:
+    what = sniff_non_media(head)
+    if what:
+        raise MediaError(f"{_label(kind)} returned {what}, not a media file", stage="download",
+                         details={"url": display_url(url)})
+
+
+# ------------------------------------------------------------------------------------------ download
+
+
+def _limit_bytes(settings: Settings) -> int:
+    return int(settings.musetalk_max_download_mb * 1024 * 1024)
+
+
+def _too_large(kind: str, settings: Settings, url: str) -> MediaError:
+    return MediaError(f"{_label(kind)} is larger than {settings.musetalk_max_download_mb:g} MB",
+                      stage="download", details={"url": display_url(url)})
+
+
+def _temp_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+
+
+def _local_source(url: str, settings: Settings, kind: str) -> Path | None:
+    """The local file ``url`` names (plain path or file://), or None for a network URL."""
+    if url.startswith("file://"):
+        path = Path(unquote(urlsplit(url).path))
+    elif "://" not in url:
+        path = Path(url).expanduser()
+    else:
+        return None
+    if not settings.musetalk_allow_local_files:
+        raise MediaError(f"{_label(kind)} must be an http(s) URL; local files are not accepted here",
+                         stage="download")
+    if not path.is_file():
+        raise MediaError(f"the {kind} file {str(path)!r} does not exist", stage="download")
+    return path
+
+
+def _copy_local(src: Path, dest: Path, kind: str, settings: Settings) -> Path:
+    """Copy a local input into the job's workspace under the same size and content rules."""
+    if src.resolve() == dest.resolve():
+        return dest
+    size = src.stat().st_size
+    if size == 0:
+        raise MediaError(f"the {kind} file {str(src)!r} is empty", stage="download")
+    if size > _limit_bytes(settings):
+        raise _too_large(kind, settings, str(src))
+    with src.open("rb") as fh:
+        _refuse_non_media(fh.read(SNIFF_BYTES), kind, str(src))
+    tmp = _temp_name(dest)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise ProcessingError(f"could not copy the {kind} file: {exc.strerror}", stage="download") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _check_status(response: httpx.Response, kind: str) -> None:
+    status = response.status_code
+    if 200 <= status < 300 and status != 204:
+        return
+    if status in (408, 429) or status >= 500:
+        raise _Transient(f"HTTP {status}")
+    raise MediaError(f"{_label(kind)} returned HTTP {status}", stage="download",
+                     details={"url": display_url(str(response.url)), "status": status})
+
+
+def _stream_body(response: httpx.Response, tmp: Path, kind: str, settings: Settings, deadline: float,
+                 close_fallback: bool) -> int:
+    """Write the body to ``tmp`` under the size, time and content rules; returns the byte count."""
+    url = str(response.url)
+    limit = _limit_bytes(settings)
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(kind, settings, url)
+    total, head, sniffed = 0, b"", False
+    try:
+        with tmp.open("wb") as fh:
+            try:
+                # No chunk_size: httpx would hold bytes back until a chunk fills and lose them
+                # when a broken connection raises (the framing fallback needs them).
+                for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise MediaError(
+                            f"{_label(kind)} took longer than {settings.musetalk_download_timeout_sec:g} s "
+                            "to download", stage="download", details={"url": display_url(url)})
+                    total += len(chunk)
+                    if total > limit:
+                        raise _too_large(kind, settings, url)
+                    if not sniffed:
+                        head += chunk
+                        if len(head) >= SNIFF_BYTES:
+                            _refuse_non_media(head, kind, url)
+                            sniffed = True
+                    fh.write(chunk)
+            except httpx.RemoteProtocolError:
+                if not (close_fallback and declared is None and total > 0):
+                    raise _Transient("the connection closed before the whole file arrived",
+                                     framing=True) from None
+                log.warning("download of %s: connection closed without a complete body and no "
+                            "Content-Length; accepting the %d bytes read", display_url(url), total)
+            except httpx.TimeoutException:
+                raise _Transient("timed out while reading") from None
+            except httpx.TransportError as exc:
+                raise _Transient(f"connection failed while reading ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise ProcessingError(f"could not write the downloaded {kind}: {exc.strerror}",
+                              stage="download") from exc
+    if total == 0:
+        raise MediaError(f"{_label(kind)} returned an empty file", stage="download",
+                         details={"url": display_url(url)})
+    if not sniffed:
+        _refuse_non_media(head, kind, url)
+    return total
+
+
+def _fetch_once(client: httpx.Client, url: str, tmp: Path, kind: str, settings: Settings,
+                deadline: float, close_fallback: bool) -> int:
+    """One attempt: follow redirects (each hop re-checked) and stream the body into ``tmp``."""
+    headers = {"Connection": "close"} if close_fallback else {}
+    current, seen = url, {url}
+    for _ in range(MAX_REDIRECTS + 1):
+        check_url_allowed(current, settings, kind)
+        try:
+            response = client.send(client.build_request("GET", current, headers=headers), stream=True)
+        except httpx.TimeoutException:
+            raise _Transient("timed out") from None
+        except httpx.RemoteProtocolError:
+            raise _Transient("the server broke the HTTP protocol", framing=True) from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        try:
+            _check_peer(response, settings, kind)
+            if response.is_redirect:
+                current = str(response.url.join(response.headers["location"]))
+                if current in seen:
+                    raise MediaError(f"{_label(kind)} redirects in a loop", stage="download",
+                                     details={"url": display_url(url)})
+                seen.add(current)
+                continue
+            _check_status(response, kind)
+            return _stream_body(response, tmp, kind, settings, deadline, close_fallback)
+        finally:
+            response.close()
+    raise MediaError(f"{_label(kind)} redirects more than {MAX_REDIRECTS} times", stage="download",
+                     details={"url": display_url(url)})
+
+
+def _client(settings: Settings, transport: httpx.BaseTransport | None) -> httpx.Client:
+    per_op = min(30.0, settings.musetalk_download_timeout_sec)
+    # trust_env=False: a proxy from the environment would hide the real peer from the SSRF guard.
+    return httpx.Client(transport=transport, follow_redirects=False, trust_env=False,
+                        timeout=httpx.Timeout(per_op, connect=min(10.0, per_op)),
+                        headers={"User-Agent": USER_AGENT})
+
+
+def download(url: str, dest: Path, kind: Kind, settings: Settings | None = None, *,
+             transport: httpx.BaseTransport | None = None) -> Path:
+    """Download ``url`` to ``dest`` under the module's policy; returns ``dest``.
+
+    Raises :class:`MediaError` (stage download) for bad or unreachable input and
+    :class:`ProcessingError` for local faults (disk). ``transport`` is for tests (``httpx.MockTransport``).
+    """
+    settings = settings or get_settings()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    local = _local_source(url, settings, kind)
+    if local is not None:
+        return _copy_local(local, dest, kind, settings)
+
+    started = time.monotonic()
+    deadline = started + settings.musetalk_download_timeout_sec
+    delay = settings.musetalk_download_retry_base_sec
+    tmp = _temp_name(dest)
+    close_fallback = False
+    last: _Transient | None = None
+    size: int | None = None
+    attempt = 0
+    try:
+        with _client(settings, transport) as client:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    size = _fetch_once(client, url, tmp, kind, settings, deadline, close_fallback)
+                    break
+                except _Transient as exc:
+                    last = exc
+                    if attempt == ATTEMPTS:
+                        break
+                    if exc.framing and not close_fallback:
+                        close_fallback = True  # retry at once, reading the body as HTTP/1.0 would
+                        log.warning("download of %s: %s; retrying with Connection: close",
+                                    display_url(url), exc.reason)
+                        continue
+                    if time.monotonic() + delay > deadline:
+                        break
+                    log.warning("download of %s failed (%s), attempt %d/%d; retrying in %.1f s",
+                                display_url(url), exc.reason, attempt, ATTEMPTS, delay)
+                    time.sleep(delay)
+                    delay *= 2
+        if size is None:
+            reason = last.reason if last else "unknown error"
+            raise MediaError(f"could not download {_label(kind)}: {reason} (after {attempt} attempts)",
+                             stage="download",
+                             details={"url": display_url(url), "attempts": attempt, "transient": True})
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("downloaded %s input %s: %d bytes in %.2f s", kind, display_url(url), size,
+             time.monotonic() - started)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- probe
+
+
+class MediaInfo(BaseModel):
+    """What ffprobe says about one input file."""
+
+    duration: float | None = None
+    has_video: bool = False
+    has_audio: bool = False
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    rotation: int = 0
+    codec: str | None = None
+    is_image: bool = False
+    format_name: str | None = None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None  # drop NaN
+
+
+def _rate(value: Any) -> float | None:
+    """``"30000/1001"`` → 29.97; ``"0/0"`` and junk → None."""
+    try:
+        num, _, den = str(value).partition("/")
+        rate = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return rate if rate > 0 else None
+
+
+def _rotation(stream: dict[str, Any]) -> int:
+    """Display rotation in degrees (0/90/180/270) from side data or the legacy ``rotate`` tag."""
+    value: Any = (stream.get("tags") or {}).get("rotate")
+    for side in stream.get("side_data_list") or []:
+        if "rotation" in side:
+            value = side["rotation"]
+    number = _float(value)
+    return int(round(number)) % 360 if number is not None else 0
+
+
+def parse_probe(data: dict[str, Any], kind: Kind) -> MediaInfo:
+    """Build :class:`MediaInfo` from ffprobe's JSON (``-show_format -show_streams``)."""
+    streams = data.get("streams") or []
+    fmt = data.get("format") or {}
+    videos = [s for s in streams if s.get("codec_type") == "video"
+              and not (s.get("disposition") or {}).get("attached_pic")]  # cover art is not video
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    video = videos[0] if videos else None
+    audio = audios[0] if audios else None
+    format_name = fmt.get("format_name")
+    is_image = bool(video and format_name in IMAGE_FORMATS and video.get("codec_name") in IMAGE_CODECS)
+    main = audio if kind == "audio" else video
+    # For audio, the audio stream's own length counts (a video file's format may run longer).
+    duration = _float((main or {}).get("duration")) if kind == "audio" else None
+    if duration is None:
+        duration = _float(fmt.get("duration"))
+    if duration is None:
+        durations = [d for d in (_float(s.get("duration")) for s in streams) if d is not None]
+        duration = max(durations) if durations else None
+    return MediaInfo(
+        duration=duration,
+        has_video=video is not None,
+        has_audio=audio is not None,
+        width=video.get("width") if video else None,
+        height=video.get("height") if video else None,
+        fps=(_rate(video.get("avg_frame_rate")) or _rate(video.get("r_frame_rate"))) if video else None,
+        rotation=_rotation(video) if video else 0,
+        codec=(main or {}).get("codec_name"),
+        is_image=is_image,
+        format_name=format_name,
+    )
+
+
+def check_media(info: MediaInfo, kind: Kind, settings: Settings) -> None:
+    """Apply the input rules; raises :class:`MediaError` (stage validation) naming the input."""
+    label = _label(kind)
+
+    def fail(message: str) -> MediaError:
+        return MediaError(f"{label} {message}", stage="validation", details=info.model_dump())
+
+    if kind == "video":
+        if not info.has_video:
+            raise fail("has no video track" + (" (it is an audio file)" if info.has_audio else ""))
+        if not info.width or not info.height:
+            raise fail("has no readable picture size")
+        if info.is_image:
+            return  # a still avatar: no duration to check
+        limit = settings.musetalk_max_video_sec
+    else:
+        if not info.has_audio:
+            raise fail("has no audio track")
+        limit = settings.musetalk_max_audio_sec
+    if info.duration is None or info.duration <= 0:
+        raise fail("has no duration (empty or unreadable stream)")
+    if info.duration > limit:
+        raise fail(f"is {info.duration:.1f} s long; the limit is {limit:g} s")
+
+
+def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
+                timeout: float = PROBE_TIMEOUT_SEC) -> MediaInfo:
+    """Probe ``path`` with ffprobe and check it is a usable ``kind`` input.
+
+    ffprobe is run directly (ffmpeg-python's ``probe`` has no timeout): ``-protocol_whitelist file``
+    keeps playlist formats (HLS, concat) from reaching the network, the ``file:`` prefix keeps a name
+    starting with ``-`` from being read as an option, and a hung probe is killed after ``timeout``.
+    Text playlists never get this far: :func:`download` refuses text.
+    """
+    settings = settings or get_settings()
+    label = _label(kind)
+    args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
+            "-of", "json", f"file:{Path(path).resolve()}"]
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError(f"{label} could not be read within {timeout:g} s", stage="validation") from None
+    except FileNotFoundError as exc:
+        raise ProcessingError("ffprobe is not installed on this worker", stage="validation",
+                              retryable=False) from exc
+    if proc.returncode != 0:
+        reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise MediaError(f"{label} is not a readable {kind} file", stage="validation",
+                         details={"reason": reason[-1][:300] if reason else f"exit {proc.returncode}"})
+    try:
+        data = json.loads(proc.stdout or b"{}")
+    except ValueError:
+        raise MediaError(f"{label} is not a readable {kind} file", stage="validation") from None
+    info = parse_probe(data, kind)
+    check_media(info, kind, settings)
+    return info
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try may help: retryable worker faults and raw network errors, never MediaError."""
+    if isinstance(exc, MuseTalkError):
+        return isinstance(exc, ProcessingError) and exc.retryable
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failure :func:`is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state's exception is exactly what we inspect
+        return is_transient(exc)
+    return False
+
+
+@task(name="fetch-input", task_run_name="fetch-{kind}", retries=2,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def fetch_input(url: str, dest: Path, kind: Kind, settings: Settings | None = None) -> Path:
+    """Download one job input (never cached: inputs are per job; network retries happen inside)."""
+    return download(url, dest, kind, settings)
+
+
+@task(name="validate-input", task_run_name="validate-{kind}", cache_policy=NO_CACHE)
+def validate_input(path: Path, kind: Kind, settings: Settings | None = None) -> MediaInfo:
+    """Probe and check one downloaded input (deterministic: no retries)."""
+    return probe_media(path, kind, settings)

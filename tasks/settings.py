@@ -1,0 +1,214 @@
+"""The one place configuration is read: environment variables → a typed :class:`Settings`.
+
+Names follow DESIGN §7 exactly (they are fixed by existing deployments); project-only settings carry a
+``MUSETALK_`` prefix. Field names are the lower-cased variable names, so ``Settings(b2_prefix="x")`` and
+``B2_PREFIX=x`` mean the same thing. Empty variables count as unset (``env_ignore_empty``), so
+``ORCHESTRATOR_BASE_URL=`` in a compose file disables progress reporting instead of breaking it.
+
+Relative paths (result dir, models, cache, UNet files) are relative to ``MUSETALK_WORKDIR``; use
+:meth:`Settings.resolve`. The workdir defaults to ``/app`` (the container layout) when that directory
+exists, else to the current directory, so a dev machine works without configuration.
+
+Secrets (``INTERNAL_API_KEY``, ``B2_APP_KEY``, ``SALAD_API_KEY``) are ``SecretStr``: their repr is
+masked, and :class:`RedactSecrets` scrubs their plain values from log records as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REDACTED = "***"
+# Shorter "secrets" are not scrubbed: replacing every "ab" in every log line would make logs unreadable,
+# and a key that short protects nothing anyway.
+MIN_REDACT_LEN = 4
+
+
+def _default_workdir() -> Path:
+    """``/app`` inside the worker image, the current directory elsewhere (dev machines, CI)."""
+    app = Path("/app")
+    return app if app.is_dir() else Path.cwd()
+
+
+class Settings(BaseSettings):
+    """Worker configuration from the environment (DESIGN §7 names plus ``MUSETALK_*`` project settings)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+
+    # --- orchestrator (DESIGN §5)
+    orchestrator_base_url: str | None = None
+    buffer_orchestrator_base_url: str | None = None
+    internal_api_key: SecretStr | None = None
+    buffer_worker_id: str | None = None
+    gpu_class_name: str | None = None
+    buffer_capacity: int = Field(1, ge=1)
+    buffer_poll_interval_sec: float = Field(10.0, gt=0)
+
+    # --- storage (DESIGN §6)
+    b2_key_id: str | None = None
+    b2_app_key: SecretStr | None = None
+    b2_bucket_name: str | None = None
+    b2_prefix: str = "avatar/outputs"
+
+    # --- paths
+    musetalk_workdir: Path = Field(default_factory=_default_workdir)
+    musetalk_result_dir: Path = Path("results/job_queue")
+    musetalk_unet_model_path: Path = Path("models/musetalkV15/unet.pth")
+    musetalk_unet_config: Path = Path("models/musetalkV15/musetalk.json")
+    musetalk_models_dir: Path = Path("models")
+    # Avatar/feature cache; may point at a shared volume so machines reuse each other's avatars.
+    musetalk_cache_dir: Path = Path("cache")
+
+    # --- SaladCloud
+    salad_queue_job_id: str | None = None
+    salad_api_key: SecretStr | None = None
+    salad_org_name: str | None = None
+    salad_project_name: str | None = None
+
+    # --- input limits and network policy
+    musetalk_max_download_mb: float = Field(500.0, gt=0)
+    musetalk_max_audio_sec: float = Field(600.0, gt=0)
+    musetalk_max_video_sec: float = Field(600.0, gt=0)
+    # Wall-clock budget for one input download, all attempts included.
+    musetalk_download_timeout_sec: float = Field(300.0, gt=0)
+    # First retry delay of a download (doubles per attempt); tests set it near zero.
+    musetalk_download_retry_base_sec: float = Field(1.0, ge=0)
+    musetalk_job_timeout_sec: float = Field(1800.0, gt=0)
+    musetalk_b2_upload_timeout_sec: float = Field(300.0, gt=0)
+    # SSRF guard: refuse URLs that resolve to loopback/private/link-local/... addresses unless true.
+    musetalk_allow_private_urls: bool = False
+    # Plain paths and file:// inputs, for the CLI and batch runs; never for the public HTTP endpoint.
+    musetalk_allow_local_files: bool = False
+
+    # --- engine knobs
+    musetalk_landmarks: str = "auto"
+    musetalk_batch_size: int | None = Field(None, ge=1)
+
+    # --- computed helpers
+    @property
+    def orchestrator_url(self) -> str | None:
+        """Progress endpoint base (no trailing slash), or None when progress reporting is off."""
+        return self.orchestrator_base_url.rstrip("/") if self.orchestrator_base_url else None
+
+    @property
+    def buffer_orchestrator_url(self) -> str | None:
+        """Buffer endpoints base: ``BUFFER_ORCHESTRATOR_BASE_URL``, falling back to the orchestrator's."""
+        url = self.buffer_orchestrator_base_url or self.orchestrator_base_url
+        return url.rstrip("/") if url else None
+
+    @property
+    def buffer_enabled(self) -> bool:
+        """Buffer mode (heartbeat + claim loop) is on when a buffer worker id is configured."""
+        return bool(self.buffer_worker_id)
+
+    @property
+    def b2_enabled(self) -> bool:
+        """True when key id, app key and bucket are all set; otherwise results go to local storage."""
+        return bool(self.b2_key_id and self.b2_app_key and self.b2_app_key.get_secret_value()
+                    and self.b2_bucket_name)
+
+    @property
+    def worker_id(self) -> str:
+        """Identity sent to the orchestrator: the buffer worker id, else the host name."""
+        return self.buffer_worker_id or socket.gethostname()
+
+    @property
+    def result_root(self) -> Path:
+        """Directory of local result storage: ``{MUSETALK_WORKDIR}/{MUSETALK_RESULT_DIR}``."""
+        return self.resolve(self.musetalk_result_dir)
+
+    def resolve(self, path: Path | str) -> Path:
+        """An absolute path: relative paths are taken relative to ``MUSETALK_WORKDIR``."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.musetalk_workdir / path
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process; ``get_settings.cache_clear()`` re-reads the environment."""
+    return Settings()
+
+
+def secret_values(settings: Settings | None = None) -> list[str]:
+    """Plain values of the configured secrets (for redaction only — never log or return them)."""
+    settings = settings or get_settings()
+    values = []
+    for secret in (settings.internal_api_key, settings.b2_app_key, settings.salad_api_key):
+        if secret is not None and len(secret.get_secret_value()) >= MIN_REDACT_LEN:
+            values.append(secret.get_secret_value())
+    return values
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with every secret value replaced by ``***``."""
+    for value in secret_values() if secrets is None else secrets:
+        if value and len(value) >= MIN_REDACT_LEN and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """Logging filter that replaces secret values in a record's message and traceback with ``***``.
+
+    ``secrets`` is called per record so rotated keys (``get_settings.cache_clear()``) are picked up.
+    The filter formats the message itself (``msg % args``) because a secret may hide in an argument.
+    """
+
+    def __init__(self, secrets: Callable[[], Iterable[str]] | None = None):
+        super().__init__("musetalk-redact")
+        self._secrets = secrets or secret_values
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            secrets = [s for s in self._secrets() if s and len(s) >= MIN_REDACT_LEN]
+        except Exception:  # unreadable settings must not break logging itself
+            return True
+        if not secrets:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler to report
+            return True
+        clean = redact(message, secrets)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            text = redact(record.exc_text, secrets)
+            if text != record.exc_text:
+                # Formatters print exc_text when set; dropping exc_info stops handlers that render the
+                # traceback themselves (rich) from showing the unredacted exception.
+                record.exc_text, record.exc_info = text, None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
+        return True
+
+
+# Root, prefect, and the Prefect loggers that carry their own handlers (the API log handler ships run
+# logs to the Prefect server; uvicorn's and prefect.extra's do not propagate).
+REDACTED_LOGGERS = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.extra",
+                    "prefect.workers", "uvicorn", "uvicorn.access", "uvicorn.error")
+
+
+def install_redaction(logger_names: Iterable[str] = REDACTED_LOGGERS,
+                      secrets: Callable[[], Iterable[str]] | None = None) -> RedactSecrets:
+    """Attach one :class:`RedactSecrets` to the root and Prefect loggers and to their handlers.
+
+    Logger filters only see records logged *on that logger*, not ones propagated from children, so the
+    filter also goes on each handler present now; call this after logging is configured (Prefect
+    configures it on import). Idempotent: calling it twice adds nothing.
+    """
+    redactor = RedactSecrets(secrets)
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if not any(isinstance(f, RedactSecrets) for f in target.filters):
+                target.addFilter(redactor)
+    return redactor

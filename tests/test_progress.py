@@ -1,0 +1,306 @@
+"""Orchestrator client and progress reporter against a fake orchestrator on 127.0.0.1; settings and
+secret redaction."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+
+from tasks.progress import OrchestratorClient, OrchestratorError, ProgressReporter
+from tasks.settings import RedactSecrets, Settings, install_redaction, redact, secret_values
+
+KEY = "s3cr3t-internal-key-0123456789"
+
+
+class FakeOrchestrator:
+    """Records every POST; ``statuses`` maps a path suffix to the status code to answer with."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.statuses: dict[str, int] = {}
+        self.job: dict[str, Any] | None = None
+        self.app = FastAPI()
+        self.app.add_api_route("/{path:path}", self.handle, methods=["POST"])
+
+    async def handle(self, path: str, request: Request) -> JSONResponse:
+        self.requests.append({"path": request.scope["raw_path"].decode(), "key": request.headers.get("x-internal-api-key"),
+                              "body": await request.json(), "at": time.monotonic()})
+        status = next((code for suffix, code in self.statuses.items() if path.endswith(suffix)), 200)
+        if path.endswith("jobs/claim"):
+            return JSONResponse({"job": self.job}, status_code=status)
+        return JSONResponse({"ok": status < 300}, status_code=status)
+
+    def bodies(self, suffix: str) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if r["path"].endswith(suffix)]
+
+
+@pytest.fixture(scope="module")
+def server():
+    fake = FakeOrchestrator()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert uv.started
+    yield fake, f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(5)
+    sock.close()
+
+
+@pytest.fixture
+def fake(server):
+    fake, _ = server
+    fake.requests.clear()
+    fake.statuses.clear()
+    fake.job = None
+    return fake
+
+
+@pytest.fixture
+def client(server, fake):
+    _, url = server
+    with OrchestratorClient(url + "/main", SecretStr(KEY), "worker-1", buffer_base_url=url + "/buf/") as c:
+        yield c
+
+
+def _closed_port_url() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now: connection refused
+    return f"http://127.0.0.1:{port}"
+
+
+# ----------------------------------------------------------------------------------------- client
+
+
+def test_progress_posts_contract_body_with_key(client, fake):
+    assert client.progress("job/../1", "running", 0.25, "inferring", metrics={"fps": 12.5})
+    (req,) = fake.requests
+    assert req["path"] == "/main/internal/jobs/job%2F..%2F1/progress"  # id cannot change the endpoint
+    assert req["key"] == KEY
+    assert req["body"] == {"status": "running", "progress": 0.25, "phase": "inferring",
+                           "worker_id": "worker-1", "metrics": {"fps": 12.5}}
+
+
+def test_progress_non_2xx_returns_false_and_logs(client, fake, caplog):
+    fake.statuses["/progress"] = 503
+    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+        assert client.progress("job-1", "failed", 2.0, "failed", error="boom") is False
+    assert fake.bodies("/progress") == [{"status": "failed", "progress": 1.0, "phase": "failed",
+                                         "worker_id": "worker-1", "error": "boom"}]
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning and "503" in warning[0].getMessage() and "/progress" in warning[0].getMessage()
+
+
+def test_progress_rejects_invalid_phase_without_sending(client, fake):
+    assert client.progress("job-1", "running", 0.1, "dancing") is False  # type: ignore[arg-type]
+    assert fake.requests == []
+
+
+def test_heartbeat_uses_buffer_url_and_raises_on_non_2xx(client, fake):
+    client.heartbeat("busy", "RTX 4090 (24 GB)", 1)
+    assert fake.requests[0]["path"] == "/buf/internal/buffer/workers/worker-1/heartbeat"
+    assert fake.requests[0]["key"] == KEY
+    assert fake.requests[0]["body"] == {"status": "busy", "gpu_class": "RTX 4090 (24 GB)",
+                                        "capacity": 1, "error": None}
+    fake.statuses["/heartbeat"] = 401
+    with pytest.raises(OrchestratorError) as info:
+        client.heartbeat("idle", "RTX 4090 (24 GB)", 1, error="previous beat failed")
+    assert info.value.status_code == 401
+    assert fake.requests[-1]["body"]["error"] == "previous beat failed"
+
+
+def test_claim_returns_job_or_none(client, fake):
+    assert client.claim() is None
+    fake.job = {"buffer_job_id": "b-7", "musetalk_job_id": "m-7", "video_url": "https://x/v.mp4",
+                "audio_url": "https://x/a.wav", "aspect_ratio": "9:16", "resolution": "720p"}
+    assert client.claim() == fake.job
+    assert fake.bodies("/claim") == [{"worker_id": "worker-1"}] * 2
+    fake.statuses["/claim"] = 500
+    with pytest.raises(OrchestratorError):
+        client.claim()
+
+
+def test_report_bodies_and_success_requires_output_url(client, fake):
+    with pytest.raises(ValueError):
+        client.report("b-7", "succeeded", metrics={"total_time": 3.0})
+    assert fake.requests == []  # never sent
+    client.report("b-7", "succeeded", output_url="https://dl/x.mp4", metrics={"total_time": 3.0})
+    client.report("b-8", "failed", error={"error_type": "media_error", "error_message": "no face"})
+    assert [r["path"] for r in fake.requests] == ["/buf/internal/buffer/jobs/b-7/status",
+                                                  "/buf/internal/buffer/jobs/b-8/status"]
+    assert fake.requests[0]["body"] == {"status": "succeeded", "error": None,
+                                        "output_url": "https://dl/x.mp4", "metrics": {"total_time": 3.0}}
+    assert fake.requests[1]["body"]["status"] == "failed" and fake.requests[1]["body"]["output_url"] is None
+
+
+def test_key_never_logged_or_in_errors(server, fake, caplog):
+    _, url = server
+    fake.statuses["/heartbeat"] = 500
+    with caplog.at_level(logging.DEBUG):
+        with OrchestratorClient(url, SecretStr(KEY), "w") as ok, \
+                OrchestratorClient(_closed_port_url(), SecretStr(KEY), "w") as down:
+            ok.progress("j", "running", 0.5, "encoding")
+            errors = []
+            for call in (lambda: ok.heartbeat("idle", "g", 1), lambda: down.heartbeat("idle", "g", 1),
+                         down.claim):
+                with pytest.raises(OrchestratorError) as info:
+                    call()
+                errors.append(info.value)
+            texts = [caplog.text, repr(ok), repr(down), *map(str, errors), *map(repr, errors)]
+    assert fake.requests and fake.requests[0]["key"] == KEY  # it was sent, just never shown
+    assert all(KEY not in text for text in texts)
+
+
+def test_unreachable_orchestrator_never_breaks_progress():
+    with OrchestratorClient(_closed_port_url(), SecretStr(KEY), "w", timeout=1.0) as down:
+        assert down.progress("j", "running", 0.1, "preparing") is False
+        reporter = ProgressReporter(down, "j", min_interval=0.0)
+        reporter.update("preparing", 0.1)
+        reporter.finish()
+        reporter.close(timeout=5)
+
+
+# --------------------------------------------------------------------------------------- reporter
+
+
+def test_reporter_sends_live_throttled_in_order_and_final(client, fake):
+    reporter = ProgressReporter(client, "job-live", min_interval=0.05)
+    reporter.update("preparing", 0.0)
+    steps = 40
+    for i in range(steps):
+        reporter.update("inferring", i / steps)
+        time.sleep(0.005)
+    seen_while_running = len(fake.requests)
+    reporter.update("encoding", 0.99)
+    reporter.finish(metrics={"total_time": 1.0})
+    closed_at = time.monotonic()
+    reporter.close()
+
+    bodies = fake.bodies("/job-live/progress")
+    assert seen_while_running >= 2, "updates must arrive while the job runs, not in a burst at the end"
+    assert any(r["at"] < closed_at for r in fake.requests)
+    assert len(bodies) < steps  # throttled
+    progress = [b["progress"] for b in bodies]
+    assert progress == sorted(progress)  # in order
+    assert [b["phase"] for b in bodies][:2] == ["preparing", "inferring"]
+    assert "encoding" in [b["phase"] for b in bodies]  # a phase change is never throttled away
+    assert bodies[-1] == {"status": "succeeded", "progress": 1.0, "phase": "completed",
+                          "worker_id": "worker-1", "metrics": {"total_time": 1.0}}
+
+
+def test_reporter_sends_held_state_after_interval_without_close(client, fake):
+    reporter = ProgressReporter(client, "job-held", min_interval=0.1)
+    reporter.update("inferring", 0.1)
+    reporter.update("inferring", 0.2)  # throttled: held, then sent by the thread after ~0.1 s
+    deadline = time.monotonic() + 3
+    while len(fake.bodies("/job-held/progress")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [b["progress"] for b in fake.bodies("/job-held/progress")] == [0.1, 0.2]
+    reporter.fail("boom")
+    reporter.close()
+    assert fake.bodies("/job-held/progress")[-1]["error"] == "boom"
+    assert fake.bodies("/job-held/progress")[-1]["status"] == "failed"
+
+
+def test_reporter_is_noop_without_orchestrator(fake):
+    reporter = ProgressReporter.from_settings("j", Settings(orchestrator_base_url=None,
+                                                            buffer_orchestrator_base_url=None))
+    assert not reporter.enabled
+    reporter.update("inferring", 0.5)
+    reporter.finish()
+    reporter.close()
+    assert fake.requests == []
+
+
+# --------------------------------------------------------------------------------- settings/redaction
+
+
+def test_settings_read_design_env_names(monkeypatch, tmp_path):
+    env = {"ORCHESTRATOR_BASE_URL": "http://orch:8000/", "INTERNAL_API_KEY": KEY, "BUFFER_WORKER_ID": "b1",
+           "GPU_CLASS_NAME": "RTX 4090", "BUFFER_CAPACITY": "2", "BUFFER_POLL_INTERVAL_SEC": "5",
+           "B2_KEY_ID": "kid", "B2_APP_KEY": "b2-app-key-xyz", "B2_BUCKET_NAME": "bkt",
+           "MUSETALK_WORKDIR": str(tmp_path), "SALAD_API_KEY": "salad-key-123",
+           "MUSETALK_MAX_DOWNLOAD_MB": "7", "MUSETALK_ALLOW_PRIVATE_URLS": "true",
+           "MUSETALK_BATCH_SIZE": "", "BUFFER_ORCHESTRATOR_BASE_URL": ""}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert s.orchestrator_url == "http://orch:8000"
+    assert s.buffer_orchestrator_url == "http://orch:8000"  # falls back; empty env counts as unset
+    assert (s.buffer_capacity, s.buffer_poll_interval_sec, s.gpu_class_name) == (2, 5.0, "RTX 4090")
+    assert s.b2_enabled and s.b2_prefix == "avatar/outputs" and s.buffer_enabled
+    assert s.musetalk_batch_size is None and s.musetalk_max_download_mb == 7
+    assert s.musetalk_allow_private_urls and not s.musetalk_allow_local_files
+    assert s.result_root == tmp_path / "results/job_queue"
+    assert s.resolve(s.musetalk_unet_model_path) == tmp_path / "models/musetalkV15/unet.pth"
+    assert sorted(secret_values(s)) == sorted([KEY, "b2-app-key-xyz", "salad-key-123"])
+    assert all(v not in repr(s) and v not in str(s.model_dump()) for v in secret_values(s))
+
+
+def test_settings_defaults(monkeypatch):
+    for name in ("ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BASE_URL", "B2_KEY_ID", "B2_APP_KEY",
+                 "B2_BUCKET_NAME", "MUSETALK_WORKDIR", "BUFFER_WORKER_ID"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert s.orchestrator_url is None and s.buffer_orchestrator_url is None and not s.b2_enabled
+    assert s.musetalk_workdir == (Path("/app") if Path("/app").is_dir() else Path.cwd())
+    assert (s.buffer_capacity, s.buffer_poll_interval_sec, s.musetalk_max_download_mb) == (1, 10.0, 500)
+    assert (s.musetalk_max_audio_sec, s.musetalk_max_video_sec, s.musetalk_landmarks) == (600, 600, "auto")
+    assert not s.musetalk_allow_private_urls and not s.musetalk_allow_local_files
+    assert Settings(b2_key_id="k", b2_bucket_name="b").b2_enabled is False  # no app key
+
+
+def test_redaction_filter_scrubs_messages_args_and_tracebacks(caplog):
+    logger = logging.getLogger("tasks.test_redaction")
+    redactor = RedactSecrets(lambda: [KEY])
+    with caplog.at_level(logging.INFO, logger="tasks.test_redaction"):
+        caplog.handler.addFilter(redactor)
+        try:
+            logger.info("calling with key %s", KEY)
+            logger.info(f"inline {KEY}")
+            try:
+                raise RuntimeError(f"bad key {KEY}")
+            except RuntimeError:
+                logger.exception("failed")
+        finally:
+            caplog.handler.removeFilter(redactor)
+    assert KEY not in caplog.text
+    assert caplog.text.count("***") == 3
+    assert redact(f"a {KEY} b", [KEY]) == "a *** b"
+
+
+def test_install_redaction_covers_prefect_run_handlers_idempotently():
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # what importing prefect.main / running a flow does: handlers on run loggers
+
+    loggers = [logging.getLogger(name) for name in ("", "prefect", "prefect.task_runs")]
+    targets = [t for lg in loggers for t in (lg, *lg.handlers)]
+    try:
+        install_redaction(secrets=lambda: [KEY])
+        install_redaction(secrets=lambda: [KEY])
+        for target in targets:
+            assert sum(isinstance(f, RedactSecrets) for f in target.filters) == 1, target
+        assert logging.getLogger("prefect.task_runs").handlers  # the API handler is covered too
+    finally:
+        for target in targets:
+            for f in [f for f in target.filters if isinstance(f, RedactSecrets)]:
+                target.removeFilter(f)
