@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import audio as audio_mod
 from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
 from .errors import MediaError
 from .metrics import PeakVram, RenderMetrics, StageTimer, gpu_info, peak_rss_kb
-from .pipeline import render_stream
+from .pipeline import render_stream, render_stream_device
 from .render import FaceGenerator
 from .video import OutputShape, VideoWriter, decode_frames, probe_video
 from .weights import ModelPaths, check_models, load_unet, load_vae, load_whisper, weights_fingerprint
@@ -40,6 +41,8 @@ class EngineConfig(BaseModel):
     landmarks: str = "auto"  # auto | dwpose-onnx | mmpose | dlib
     cache_dir: Path = DEFAULT_CACHE
     batch_size: int | None = Field(None, ge=1, le=512)  # None: chosen from free VRAM
+    accel: str = "auto"  # auto (graphs on CUDA, eager on CPU) | eager | graphs | compiled
+    blend: str = "auto"  # auto (device on CUDA, cpu on CPU) | cpu | device
     unet_weights: Path | None = None  # defaults to models_dir/musetalkV15/unet.pth
     unet_config: Path | None = None  # defaults to models_dir/musetalkV15/musetalk.json
 
@@ -105,7 +108,13 @@ class Engine:
             backend = _tiny_landmarks(self.paths.root) or "auto"
         self.landmarks_backend = backend
         self.analyzer = build_analyzer(self.paths.root, backend, str(self.device))
-        self.generator = FaceGenerator(self.unet, self.vae, self.device, self.dtype)
+        accel = self.config.accel
+        if accel == "auto":
+            accel = "graphs" if self.device.type == "cuda" else "eager"
+        self.generator = FaceGenerator(self.unet, self.vae, self.device, self.dtype, mode=accel)
+        blend = self.config.blend
+        self.blend_on = ("device" if self.device.type == "cuda" else "cpu") if blend == "auto" else blend
+        self._device_frames: OrderedDict[str, tuple] = OrderedDict()
         self.fingerprint = weights_fingerprint(self.paths)
         self.avatars = AvatarCache(self.config.cache_dir)
         self.gpu = gpu_info(self.device)
@@ -185,12 +194,20 @@ class Engine:
                     with timer.stage("audio"):
                         windows = self.audio_windows(audio, params.fps)
                 info = probe_video(video)
+                device_frames = self._frames_on_device(video, avatar, info, timer) \
+                    if self.blend_on == "device" else None
                 gen_start = time.perf_counter()
                 writer = VideoWriter(out, avatar.width, avatar.height, avatar.fps, audio, shape=shape)
                 try:
-                    batch = render_stream(avatar=avatar, frames=decode_frames(video, avatar.fps, info),
-                                          windows=windows, generator=self.generator, writer=writer,
-                                          batch_size=batch, timer=timer, on_progress=on_progress)
+                    if device_frames is not None:
+                        frames, material = device_frames
+                        batch = render_stream_device(avatar=avatar, frames=frames, material=material,
+                                                     windows=windows, generator=self.generator, writer=writer,
+                                                     batch_size=batch, timer=timer, on_progress=on_progress)
+                    else:
+                        batch = render_stream(avatar=avatar, frames=decode_frames(video, avatar.fps, info),
+                                              windows=windows, generator=self.generator, writer=writer,
+                                              batch_size=batch, timer=timer, on_progress=on_progress)
                     with timer.stage("encode"):
                         writer.close()
                 except BaseException:
@@ -205,6 +222,30 @@ class Engine:
                 encoder=writer.encoder, avatar_cached=cached, device=str(self.device),
                 dtype=str(self.dtype).replace("torch.", ""))
             return RenderResult(out, metrics.frames, metrics.frames / avatar.fps, metrics)
+
+    def _frames_on_device(self, video: Path, avatar: Avatar, info, timer: StageTimer):
+        """Source frames (decoded once per avatar) and blend material on the model's device, or None when
+        they would take more than a quarter of the free memory (then the streamed CPU path runs)."""
+        from .device_blend import DeviceBlendMaterial
+
+        key = avatar.video_sha256 + json.dumps(avatar.params, sort_keys=True)
+        if key in self._device_frames:
+            self._device_frames.move_to_end(key)
+            return self._device_frames[key]
+        need = avatar.n_frames * avatar.width * avatar.height * 3
+        if self.device.type == "cuda" and need > torch.cuda.mem_get_info(self.device)[0] // 4:
+            return None
+        with timer.stage("decode"):
+            frames = torch.stack([torch.from_numpy(f.copy()) for f in decode_frames(video, avatar.fps, info)])
+            frames = frames[:avatar.n_frames].to(self.device)
+            if frames.shape[0] < avatar.n_frames:  # a stream one frame short repeats its last
+                pad = frames[-1:].expand(avatar.n_frames - frames.shape[0], -1, -1, -1)
+                frames = torch.cat([frames, pad])
+            entry = (frames, DeviceBlendMaterial(avatar, self.device))
+        self._device_frames[key] = entry
+        while len(self._device_frames) > 2:  # the current avatar and the one before are enough
+            self._device_frames.popitem(last=False)
+        return entry
 
     def warmup(self) -> None:
         """One small forward pass through every per-frame model so the first job pays no lazy init."""

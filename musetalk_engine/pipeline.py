@@ -155,3 +155,74 @@ def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torc
     if errors:
         raise errors[0]
     return batch_size
+
+
+def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, windows: torch.Tensor,
+                         generator: FaceGenerator, writer: VideoWriter, batch_size: int, timer: StageTimer,
+                         on_progress: Callable[[int, int], None] | None = None) -> int:
+    """The device path: source frames already on the model's device, blending as tensor ops right after
+    the decode, finished frames copied once into reused (pinned, on CUDA) host buffers that the encoder
+    thread drains. Returns the batch size used."""
+    from .device_blend import paste_faces
+
+    total = int(windows.shape[0])
+    order = cycle_indices(avatar.n_frames, total)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    cuda = generator.device.type == "cuda"
+    out_q = _Channel(stop, maxsize=3)
+    free: queue.Queue = queue.Queue()
+    h, w = avatar.height, avatar.width
+    for _ in range(3):  # three buffers: one filling, one being encoded, one spare
+        free.put(torch.empty((batch_size, h, w, 3), dtype=torch.uint8, pin_memory=cuda))
+    latents = torch.from_numpy(avatar.latents).to(generator.device)
+
+    def encode_stage():
+        done = 0
+        try:
+            while (item := out_q.get()) is not _END:
+                host, n, event = item
+                if event is not None:
+                    event.synchronize()
+                with timer.stage("encode"):
+                    for k in range(n):
+                        writer.write(host[k].numpy())
+                free.put(host)
+                done += n
+                if on_progress:
+                    on_progress(done, total)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
+            errors.append(exc)
+            stop.set()
+
+    encoder = threading.Thread(target=encode_stage, name="render-encode", daemon=True)
+    encoder.start()
+    try:
+        start = 0
+        while start < total and not stop.is_set():
+            idx_np = order[start:start + batch_size]
+            idx = torch.as_tensor(idx_np, device=generator.device)
+            faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
+            with timer.stage("blend"):
+                finished = paste_faces(frames[idx], faces, idx_np, avatar, material)
+                host = free.get()
+                n = len(idx_np)
+                host[:n].copy_(finished, non_blocking=cuda)
+                event = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+            out_q.put((host, n, event))
+            start += n
+        out_q.put(_END)
+    except _Stopped:
+        pass
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+        stop.set()
+    encoder.join()
+    if errors:
+        raise errors[0]
+    return batch_size

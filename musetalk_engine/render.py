@@ -2,20 +2,77 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .audio import positional_encoding
 from .weights import VAE_SCALING_FACTOR
 
+log = logging.getLogger(__name__)
+
 
 class FaceGenerator:
-    """Holds the UNet and VAE on one device; ``generate`` turns avatar latents + audio windows into faces."""
+    """Holds the UNet and VAE on one device; ``generate`` turns avatar latents + audio windows into faces.
 
-    def __init__(self, unet, vae, device: torch.device, dtype: torch.dtype):
+    ``mode`` picks the execution (see :mod:`musetalk_engine.accel`): ``eager``, ``graphs`` (CUDA-graph UNet)
+    or ``compiled`` (torch.compile of UNet and VAE decoder). Any failure of a fast path logs once and
+    falls back to eager for good, so a job never fails for the sake of speed."""
+
+    def __init__(self, unet, vae, device: torch.device, dtype: torch.dtype, mode: str = "eager"):
+        from .accel import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode == "graphs" and device.type != "cuda":
+            mode = "eager"  # CUDA graphs need CUDA
         self.unet, self.vae = unet, vae
         self.device, self.dtype = device, dtype
+        self.mode = mode
         self._pe = positional_encoding(50).to(device=device, dtype=dtype)
         self._t0 = torch.zeros(1, device=device, dtype=torch.long)
+        self._graphs: dict[int, object] = {}
+        self._unet_fast = self._decoder_fast = None
+        if mode == "compiled":
+            from .accel import compile_module
+
+            self._unet_fast = compile_module(unet, "reduce-overhead" if device.type == "cuda" else "default")
+            self._decoder_fast = compile_module(vae.decoder, "max-autotune-no-cudagraphs"
+                                                if device.type == "cuda" else "default")
+
+    def _fallback(self, what: str, exc: BaseException) -> None:
+        log.warning("%s failed (%s: %s); falling back to eager", what, type(exc).__name__, str(exc)[:300])
+        self.mode = "eager"
+        self._graphs.clear()
+        self._unet_fast = self._decoder_fast = None
+
+    def _run_unet(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        if self.mode == "graphs":
+            try:
+                graph = self._graphs.get(latents.shape[0]) or self._graph_for(latents.shape[0])
+                return graph(latents, audio)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — capture problems must not fail the job
+                self._fallback("CUDA graph capture", exc)
+        if self.mode == "compiled" and self._unet_fast is not None:
+            try:
+                return self._unet_fast(latents, self._t0, encoder_hidden_states=audio).sample
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._fallback("compiled UNet", exc)
+        return self.unet(latents, self._t0, encoder_hidden_states=audio).sample
+
+    def _graph_for(self, batch: int):
+        from .accel import GraphedUNet
+
+        # one graph per batch size; a short last batch pads into the largest graph instead of capturing
+        larger = [b for b in self._graphs if b >= batch]
+        if larger:
+            return self._graphs[min(larger)]
+        graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self.device, self.dtype)
+        return graph
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -26,12 +83,22 @@ class FaceGenerator:
         """[B,8,32,32] inputs + [B,50,384] audio windows → [B,4,32,32] predicted face latents."""
         latents = latents.to(self.device, self.dtype, non_blocking=True)
         audio = audio.to(self.device, self.dtype, non_blocking=True) + self._pe
-        return self.unet(latents, self._t0, encoder_hidden_states=audio).sample
+        return self._run_unet(latents, audio)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Face latents → [B,256,256,3] uint8 RGB on the model's device."""
-        image = self.vae.decode(latents / VAE_SCALING_FACTOR).sample
+        image = None
+        if self._decoder_fast is not None:
+            try:
+                z = self.vae.post_quant_conv(latents / VAE_SCALING_FACTOR)
+                image = self._decoder_fast(z)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._fallback("compiled VAE decoder", exc)
+        if image is None:
+            image = self.vae.decode(latents / VAE_SCALING_FACTOR).sample
         image = (image.float() / 2 + 0.5).clamp_(0, 1).mul_(255).round_()
         return image.to(torch.uint8).permute(0, 2, 3, 1)
 

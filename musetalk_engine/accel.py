@@ -1,0 +1,49 @@
+"""Faster per-frame GPU work, each with a fallback to eager execution.
+
+- ``graphs``: the UNet captured as a CUDA graph per batch size. The eager UNet is launch-bound (≈ 42–52 ms
+  whatever the batch up to 64 on an H200); a replay removes most of that.
+- ``compiled``: ``torch.compile`` of the UNet (CUDA graphs through ``reduce-overhead``) and of the VAE
+  decoder (fused GroupNorm+SiLU and convolutions), the part that bounds throughput. Inductor's on-disk cache
+  (``TORCHINDUCTOR_CACHE_DIR``) makes later process starts reuse the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODES = ("eager", "graphs", "compiled")
+
+
+class GraphedUNet:
+    """The UNet at timestep 0 replayed from a CUDA graph with static input/output buffers."""
+
+    def __init__(self, unet, batch_size: int, device: torch.device, dtype: torch.dtype, warmup: int = 3):
+        self.batch_size = batch_size
+        self.latents = torch.zeros(batch_size, 8, 32, 32, device=device, dtype=dtype)
+        self.audio = torch.zeros(batch_size, 50, 384, device=device, dtype=dtype)
+        self.t0 = torch.zeros(1, device=device, dtype=torch.long)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):  # cuDNN/cuBLAS pick their algorithms outside the capture
+                unet(self.latents, self.t0, encoder_hidden_states=self.audio)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.out = unet(self.latents, self.t0, encoder_hidden_states=self.audio).sample
+
+    def __call__(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        self.latents[:n].copy_(latents)
+        self.audio[:n].copy_(audio)
+        self.graph.replay()
+        return self.out[:n].clone()
+
+
+def compile_module(module, mode: str):
+    """``torch.compile`` with a clear log line; the caller keeps the eager module to fall back on."""
+    return torch.compile(module, mode=mode, fullgraph=False, dynamic=False)
