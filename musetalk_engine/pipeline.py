@@ -16,6 +16,7 @@ import torch
 from .avatar import Avatar
 from .blend import paste_face
 from .cycle import cycle_indices
+from .errors import ProcessingError
 from .metrics import StageTimer
 from .render import FaceGenerator
 from .video import VideoWriter
@@ -25,6 +26,19 @@ _END = object()
 
 class _Stopped(Exception):
     """Another stage failed; this one leaves quietly."""
+
+
+def _halve_after_oom(exc: BaseException, batch_size: int, halved: bool, device: torch.device) -> int:
+    """The batch size to retry with after an out-of-memory error, or a clear ProcessingError when the
+    one retry at half the batch was already spent (or the batch cannot shrink)."""
+    if halved or batch_size == 1:
+        raise ProcessingError(f"ran out of {device.type.upper()} memory while rendering at batch size "
+                              f"{batch_size}" + (" (already halved once)" if halved else ""),
+                              stage="inference", retryable=True,
+                              details={"batch_size": batch_size}) from exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return max(1, batch_size // 2)
 
 
 class _Channel:
@@ -138,12 +152,10 @@ def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torc
             idx = torch.as_tensor(order[start:start + batch_size])
             try:
                 faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
-            except torch.OutOfMemoryError:
-                if halved or batch_size == 1:
-                    raise
-                halved = True  # one retry at half the batch, then give up
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
+            except torch.OutOfMemoryError as exc:
+                # one retry at half the batch, then a clear 500 (retryable: a bigger GPU may do)
+                batch_size = _halve_after_oom(exc, batch_size, halved, generator.device)
+                halved = True
                 continue
             faces_q.put((start, faces.cpu().numpy()))
             start += len(idx)
@@ -171,7 +183,7 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
     errors: list[BaseException] = []
     cuda = generator.device.type == "cuda"
     out_q = _Channel(stop, maxsize=3)
-    free: queue.Queue = queue.Queue()
+    free = _Channel(stop, maxsize=3)  # stop-aware: an encoder that died keeps its buffer; don't wait for it
     h, w = avatar.height, avatar.width
     for _ in range(3):  # three buffers: one filling, one being encoded, one spare
         free.put(torch.empty((batch_size, h, w, 3), dtype=torch.uint8, pin_memory=cuda))
@@ -201,10 +213,17 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
     encoder.start()
     try:
         start = 0
+        halved = False
         while start < total and not stop.is_set():
             idx_np = order[start:start + batch_size]
             idx = torch.as_tensor(idx_np, device=generator.device)
-            faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
+            try:
+                faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
+            except torch.OutOfMemoryError as exc:
+                # as on the CPU path: one retry at half the batch (the host buffers still fit)
+                batch_size = _halve_after_oom(exc, batch_size, halved, generator.device)
+                halved = True
+                continue
             with timer.stage("blend"):
                 finished = paste_faces(frames[idx], faces, idx_np, avatar, material)
                 host = free.get()

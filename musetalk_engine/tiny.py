@@ -49,7 +49,8 @@ RELEASED_WHISPER_CONFIG = {  # openai/whisper-tiny
 
 TINY_OVERRIDES = {
     # narrow widths need smaller GroupNorm groups; the key layout is unchanged
-    "unet": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
+    "unet": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+             "attention_head_dim": 1},  # one head: 8 heads of 1024² scores would dominate on a CPU
     "vae": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8},
     # d_model and the 4 encoder layers stay: they fix the [50, 384] audio prompt shape
     "whisper": {"encoder_ffn_dim": 64, "decoder_layers": 1, "decoder_ffn_dim": 64, "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,

@@ -84,9 +84,11 @@ def _weights_file(directory: Path) -> Path | None:
 def missing_files(paths: ModelPaths) -> list[Path]:
     """Every required file that is absent, in a stable order."""
     missing = [p for p in paths.required().values() if not p.is_file()]
-    for d in (paths.vae_dir, paths.whisper_dir):
-        if d.is_dir() and _weights_file(d) is None:
-            missing.append(d / "diffusion_pytorch_model.bin" if d == paths.vae_dir else d / "pytorch_model.bin")
+    # named as released (and as `models download` writes them); any of _weights_file's names will do
+    for d, released in ((paths.vae_dir, "diffusion_pytorch_model.safetensors"),
+                        (paths.whisper_dir, "model.safetensors")):
+        if _weights_file(d) is None:
+            missing.append(d / released)
     return missing
 
 
@@ -112,8 +114,8 @@ def weights_fingerprint(paths: ModelPaths) -> str:
         h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:
             h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
+            if size > 1 << 20:  # the tail, without re-reading the head (files of 1–2 MiB included)
+                fh.seek(max(1 << 20, size - (1 << 20)))
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
 
