@@ -7,3 +7,6 @@ _home = tempfile.mkdtemp(prefix="musetalk-flow-prefect-")
 os.environ.setdefault("PREFECT_HOME", _home)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+# Prefect reads its settings at import, so this must be set here: the temporary server needs more than
+# the default 20 s to start on a loaded 2-core CI machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
