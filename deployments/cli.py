@@ -85,6 +85,49 @@ def cmd_models(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_serve(args) -> int:
+    """The long-lived worker: HTTP /hc + /generate, and the buffer loop when BUFFER_WORKER_ID is set."""
+    from deployments.serve import serve
+
+    return serve(args.host, args.port, log_level=args.log_level)
+
+
+def cmd_batch(args) -> int:
+    """Run a manifest here (in-process, warm engine) or hand it to a `batch/<name>` deployment."""
+    from flows.batch import load_manifest
+
+    jobs = load_manifest(args.manifest)  # parsed here: the manifest file need not exist on the workers
+    if args.submit:
+        from prefect.deployments import run_deployment
+
+        name = args.submit if "/" in args.submit else f"batch/{args.submit}"
+        run = run_deployment(name, parameters={"jobs": jobs, "fan_out": args.fan_out}, timeout=0)
+        print(f"submitted {len(jobs)} job(s) to {name}: flow run {run.name} ({run.id})")
+        return 0
+    from flows.batch import batch
+
+    state = batch(jobs=jobs, fan_out=args.fan_out, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        print(f"batch {state.name}: {state.message}", file=sys.stderr)
+        return 2
+    for job in summary["jobs"]:
+        print(f"{job['musetalk_job_id']}: {job['status']} {job['output_url'] or job['error_message']} "
+              f"({job['time_s']}s)")
+    print(f"{summary['succeeded']}/{summary['total']} ok; results {summary['csv_path']}")
+    return 0 if state.is_completed() and summary["failed"] == 0 else 1
+
+
+def cmd_deploy(args) -> int:
+    """Work pool, prioritised queues and the generate/batch deployments on the Prefect server."""
+    from deployments.workpool import deploy
+
+    for name, deployment_id in deploy(args.pool, pool_limit=args.pool_limit).items():
+        print(f"deployed {name} ({deployment_id}) to work pool {args.pool!r}")
+    print(f"start one worker per GPU: prefect worker start --pool {args.pool} --limit 1")
+    return 0
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=Path("models"), help="models directory (released layout)")
     p.add_argument("--device", default="auto")
@@ -115,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", type=Path)
     m.add_argument("--full", action="store_true", help="make-tiny: write released-size random weights")
     m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("serve", help="run the worker service (HTTP /hc + /generate; buffer loop with BUFFER_WORKER_ID)")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="render a manifest of jobs (list/CSV/JSONL) as one Prefect batch run")
+    b.add_argument("manifest", help="a .csv, .jsonl or .json manifest, or inline JSON")
+    b.add_argument("--fan-out", type=int, default=0, help="child runs to spread the batch over (needs --submit)")
+    b.add_argument("--submit", metavar="DEPLOYMENT", default=None,
+                   help="send to a batch deployment (e.g. batch/gpu) instead of running here")
+    b.set_defaults(func=cmd_batch)
+
+    dp = sub.add_parser("deploy", help="create the GPU work pool, its queues and the generate/batch deployments")
+    dp.add_argument("--pool", default="gpu")
+    dp.add_argument("--pool-limit", type=int, default=None, help="fleet-wide cap on concurrent runs")
+    dp.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -1,0 +1,254 @@
+"""Buffer mode (DESIGN §5): a local GPU machine heartbeats to the orchestrator and claims jobs from it.
+
+Two threads, so a render never delays a heartbeat (the old worker blocked its event loop while rendering
+and the orchestrator marked it offline mid-job):
+
+* ``buffer-heartbeat`` POSTs ``{status: idle|busy, gpu_class, capacity, error}`` every
+  ``BUFFER_POLL_INTERVAL_SEC``, measured start to start, also while a job renders. ``error`` carries the
+  failures seen since the last heartbeat that got through (its own, the claim's, a report's, a failed
+  model load), so a problem is visible in the orchestrator even when it was the orchestrator that failed.
+* ``buffer-claim`` claims only when the worker is warm and idle (no HTTP job running or waiting either),
+  waits one interval after ``{"job": null}``, runs a claimed job through the process's single render
+  queue (shared with ``/generate``), then reports ``succeeded`` with ``output_url`` and metrics, or
+  ``failed`` with the error. A success without ``output_url`` is reported as a failure, never a success.
+
+An orchestrator that is down or answers non-2xx gets bounded exponential backoff (the interval doubled
+per consecutive failure, capped); every response is logged by :class:`tasks.progress.OrchestratorClient`.
+On shutdown the loop stops claiming; a job that the shutdown abandons is not reported, since the
+orchestrator requeues the job of a worker whose heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable, Protocol
+
+from tasks.progress import OrchestratorClient
+from tasks.settings import Settings, redact
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_BACKOFF_CAP_SEC = 30.0
+CLAIM_BACKOFF_CAP_SEC = 60.0
+REPORT_ATTEMPTS = 5
+MAX_ERROR_CHARS = 500
+# Outcomes the shutdown produced: the job did not really run, the orchestrator will requeue it.
+SHUTDOWN_REASONS = ("abandoned", "draining")
+
+
+def backoff_delay(base: float, failures: int, cap: float) -> float:
+    """``base`` after a success, doubled per consecutive failure, never above ``max(base, cap)``."""
+    if failures <= 0:
+        return base
+    return min(base * 2 ** min(failures, 30), max(base, cap))
+
+
+class TicketLike(Protocol):
+    """What the render queue hands back for a submitted job (see :class:`deployments.serve.Ticket`)."""
+
+    future: Any
+    started: float | None
+
+
+class _Errors:
+    """Failure texts waiting to be carried by the next heartbeat that gets through."""
+
+    def __init__(self, keep: int = 5):
+        self._lock = threading.Lock()
+        self._items: list[str] = []
+        self._keep = keep
+
+    def add(self, text: str) -> None:
+        with self._lock:
+            if not self._items or self._items[-1] != text:
+                self._items = (self._items + [text])[-self._keep:]
+
+    def snapshot(self) -> tuple[str | None, int]:
+        with self._lock:
+            return ("; ".join(self._items) or None), len(self._items)
+
+    def delivered(self, n: int) -> None:
+        with self._lock:
+            del self._items[:n]
+
+
+class BufferLoop:
+    """Heartbeat and claim threads of one buffer worker (one GPU, one job at a time)."""
+
+    def __init__(self, client: OrchestratorClient, *, interval: float, capacity: int,
+                 submit: Callable[[dict[str, Any], str | None], TicketLike],
+                 ready: Callable[[], bool], busy: Callable[[], bool],
+                 gpu_class: Callable[[], str | None] = lambda: None,
+                 load_error: Callable[[], str | None] = lambda: None,
+                 job_timeout: float = 1800.0, stuck_grace: float = 60.0):
+        self.client = client
+        self.interval = float(interval)
+        self.capacity = int(capacity)
+        self._submit, self._ready, self._busy = submit, ready, busy
+        self._gpu_class, self._load_error = gpu_class, load_error
+        self.job_timeout, self.stuck_grace = job_timeout, stuck_grace
+        self.errors = _Errors()
+        self._stop_claims = threading.Event()
+        self._stop_all = threading.Event()
+        self._claim_thread = threading.Thread(target=self._claim_loop, name="buffer-claim", daemon=True)
+        self._beat_thread = threading.Thread(target=self._heartbeat_loop, name="buffer-heartbeat", daemon=True)
+        if self.capacity > 1:
+            log.warning("BUFFER_CAPACITY=%d: this process renders one job at a time (one GPU); it claims "
+                        "a new job only when idle", self.capacity)
+
+    @classmethod
+    def from_service(cls, service: Any) -> "BufferLoop":
+        """The loop of a :class:`deployments.serve.WorkerService` (shares its render queue)."""
+        settings: Settings = service.settings
+        client = OrchestratorClient.from_settings(settings)
+        if client is None or not client.buffer_base_url:
+            raise ValueError("BUFFER_WORKER_ID is set but neither BUFFER_ORCHESTRATOR_BASE_URL nor "
+                             "ORCHESTRATOR_BASE_URL is: buffer mode cannot reach the orchestrator")
+        return cls(client, interval=settings.buffer_poll_interval_sec, capacity=settings.buffer_capacity,
+                   submit=service.queue.submit, ready=lambda: service.ready and not service.draining,
+                   busy=lambda: service.queue.busy, gpu_class=lambda: service.gpu_class,
+                   load_error=lambda: service.load_error, job_timeout=service.job_timeout,
+                   stuck_grace=service.options.musetalk_stuck_grace_sec)
+
+    # --- lifecycle
+
+    def start(self) -> None:
+        log.info("buffer mode: worker %s, heartbeat every %.1f s to %s", self.client.worker_id,
+                 self.interval, self.client.buffer_base_url)
+        self._beat_thread.start()
+        self._claim_thread.start()
+
+    def stop_claiming(self) -> None:
+        """No new claims; heartbeats go on (the running job is still this worker's)."""
+        self._stop_claims.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both threads (the claim thread first reports a job it finished)."""
+        self._stop_claims.set()
+        if self._claim_thread.is_alive():
+            self._claim_thread.join(timeout)
+        self._stop_all.set()
+        if self._beat_thread.is_alive():
+            self._beat_thread.join(timeout)
+        self.client.close()
+
+    def status(self) -> str:
+        """``idle`` only when a claim could be made now."""
+        return "idle" if self._ready() and not self._busy() and not self._stop_claims.is_set() else "busy"
+
+    def _note(self, what: str, exc: BaseException) -> None:
+        text = redact(f"{what}: {exc}")[:MAX_ERROR_CHARS]
+        self.errors.add(text)
+        log.warning("buffer %s", text)
+
+    # --- heartbeat thread
+
+    def heartbeat_once(self) -> bool:
+        """Send one heartbeat with the pending error text; True when it got through."""
+        pending, n = self.errors.snapshot()
+        load_error = self._load_error()
+        error = "; ".join(e for e in (f"model load failed: {load_error}" if load_error else None, pending) if e)
+        try:
+            self.client.heartbeat(self.status(), self._gpu_class(), self.capacity, error[:MAX_ERROR_CHARS] or None)
+        except Exception as exc:  # noqa: BLE001 — OrchestratorError, or anything else: next beat says so
+            self._note("heartbeat failed", exc)
+            return False
+        self.errors.delivered(n)
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        failures = 0
+        next_at = time.monotonic()
+        while not self._stop_all.is_set():
+            failures = 0 if self.heartbeat_once() else failures + 1
+            # start to start, so the period holds however long a POST takes; never a burst to catch up
+            next_at = max(next_at + backoff_delay(self.interval, failures, HEARTBEAT_BACKOFF_CAP_SEC),
+                          time.monotonic())
+            self._stop_all.wait(max(0.0, next_at - time.monotonic()))
+
+    # --- claim thread
+
+    def _claim_loop(self) -> None:
+        failures = 0
+        while not self._stop_claims.is_set():
+            if not self._ready() or self._busy():
+                self._stop_claims.wait(min(self.interval, 0.5))
+                continue
+            try:
+                job = self.client.claim()
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                self._note("claim failed", exc)
+                self._stop_claims.wait(backoff_delay(self.interval, failures, CLAIM_BACKOFF_CAP_SEC))
+                continue
+            failures = 0
+            if job is None:
+                self._stop_claims.wait(self.interval)
+                continue
+            self.run_claimed(job)
+
+    def run_claimed(self, job: dict[str, Any]) -> None:
+        """Render a claimed job on the shared render queue and report its outcome."""
+        buffer_job_id = str(job["buffer_job_id"])
+        payload = {k: v for k, v in job.items() if k != "buffer_job_id"}
+        log.info("claimed buffer job %s (job %s)", buffer_job_id, payload.get("musetalk_job_id"))
+        try:
+            ticket = self._submit(payload, buffer_job_id)
+        except Exception as exc:  # noqa: BLE001 — QueueClosed/QueueFull: we cannot run it
+            self._note(f"buffer job {buffer_job_id} not started", exc)
+            return
+        outcome = self._wait(ticket, buffer_job_id)
+        if outcome is None:
+            return
+        if outcome.http_status == 503 and outcome.body.get("details", {}).get("reason") in SHUTDOWN_REASONS:
+            log.warning("buffer job %s not finished (worker shutting down); not reported, the orchestrator "
+                        "requeues it", buffer_job_id)
+            return
+        self.report(buffer_job_id, outcome.http_status, outcome.body)
+
+    def _wait(self, ticket: TicketLike, buffer_job_id: str) -> Any:
+        """The job's outcome; a render stuck far past its timeout is reported failed rather than awaited."""
+        while True:
+            try:
+                return ticket.future.result(timeout=0.5)
+            except FutureTimeout:
+                pass
+            except Exception as exc:  # noqa: BLE001 — cancelled by the shutdown before it started
+                log.warning("buffer job %s ended without an outcome: %r", buffer_job_id, exc)
+                return None
+            started = ticket.started
+            if started is not None and time.monotonic() - started > self.job_timeout + self.stuck_grace:
+                self._note(f"buffer job {buffer_job_id}", RuntimeError("render stuck past its timeout"))
+                self.report(buffer_job_id, 500, {
+                    "error_type": "processing_error", "stage": "inference", "retryable": True,
+                    "error_message": "the render is stuck past MUSETALK_JOB_TIMEOUT_SEC", "details": {}})
+                return None
+
+    def report(self, buffer_job_id: str, http_status: int, body: dict[str, Any]) -> bool:
+        """Report the outcome (retried with backoff); a success always carries ``output_url``."""
+        output_url = body.get("output_url")
+        if http_status == 200 and output_url:
+            kwargs: dict[str, Any] = {"status": "succeeded", "output_url": output_url,
+                                      "metrics": body.get("metrics")}
+        else:
+            if http_status == 200:  # never report success without the file's location
+                body = {"error_type": "processing_error", "stage": "upload", "retryable": True,
+                        "error_message": "the job finished without an output_url", "details": {}}
+            error = {k: body.get(k) for k in ("error_type", "error_message", "stage", "retryable", "details")}
+            kwargs = {"status": "failed", "error": error,
+                      "metrics": {"stage_times": body.get("stage_times", {})}}
+        base = min(self.interval, 1.0)
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            try:
+                self.client.report(buffer_job_id, **kwargs)
+                log.info("buffer job %s reported %s", buffer_job_id, kwargs["status"])
+                return True
+            except Exception as exc:  # noqa: BLE001
+                self._note(f"report of buffer job {buffer_job_id} failed (attempt {attempt})", exc)
+                if attempt < REPORT_ATTEMPTS and self._stop_all.wait(backoff_delay(base, attempt - 1, 30.0)):
+                    break
+        log.error("buffer job %s: outcome %s could not be reported", buffer_job_id, kwargs["status"])
+        return False
