@@ -3,6 +3,9 @@
 import os
 import tempfile
 
+# before anything imports torch (see musetalk_engine/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _home = tempfile.mkdtemp(prefix="musetalk-flow-prefect-")
 os.environ.setdefault("PREFECT_HOME", _home)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
