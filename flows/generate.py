@@ -7,6 +7,8 @@ flow run ends Failed (with that body as its data), so Prefect's UI shows failed 
 
 from __future__ import annotations
 
+import re
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -52,6 +54,17 @@ class _Stages:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+def remove_stale_workspaces(work: Path, safe_id: str) -> list[Path]:
+    """Delete the temp directories a killed run of this same job id left in ``work`` (SIGKILL skips
+    every cleanup; a requeued job runs its id again). Only exact ``job-{id}-XXXXXXXX`` names match, so
+    job ``a`` never touches job ``a-b``'s directory."""
+    pattern = re.compile(re.escape(f"job-{safe_id}-") + r"[a-z0-9_]{8}")
+    stale = [d for d in work.glob(f"job-{safe_id}-*") if d.is_dir() and pattern.fullmatch(d.name)]
+    for directory in stale:
+        shutil.rmtree(directory, ignore_errors=True)
+    return stale
+
+
 def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOutcome:
     """The job's steps; callable inside any flow (``generate`` and ``batch`` share it)."""
     settings = get_settings()
@@ -67,6 +80,8 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         reporter.update("preparing", 0.0)
         work = Path(settings.resolve(settings.musetalk_workdir) / "tmp")
         work.mkdir(parents=True, exist_ok=True)
+        if remove_stale_workspaces(work, safe_id):
+            logger.warning("job %s: removed the workspace of an earlier, interrupted run", job.musetalk_job_id)
         with tempfile.TemporaryDirectory(prefix=f"job-{safe_id}-", dir=work) as tmp:
             tmp_path = Path(tmp)
             with stages("download"):

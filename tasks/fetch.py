@@ -64,6 +64,20 @@ USER_AGENT = "musetalk-flow/0.1"
 IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe"}
 IMAGE_CODECS = {"png", "mjpeg", "webp", "bmp", "tiff"}
 
+# Demuxers ffprobe may use on a customer's file (names as ffmpeg spells them; a demuxer with several
+# names, like "mov,mp4,m4a,3gp,3g2,mj2", matches on any one). Everything that can open *other*
+# resources is left out on purpose: hls, dash, concat, imf, ffmetadata, sdp/rtp/rtsp, … — a playlist
+# that names local files (``/app/results/other-job.mp4``) would otherwise be read, and
+# ``-protocol_whitelist file`` allows exactly that. The text sniff of :func:`download` does not stop
+# them alone: one control byte makes a playlist look binary.
+ALLOWED_DEMUXERS = (
+    "mov", "matroska", "avi", "flv", "mpegts", "mpeg", "asf", "ogg", "mxf", "nut", "dv", "ivf",
+    "h264", "hevc", "m4v", "mjpeg", "yuv4mpegpipe", "gif",
+    "wav", "w64", "aiff", "mp3", "aac", "flac", "amr", "caf", "ac3", "eac3", "dts", "wv", "ape", "tta",
+    "au", "voc",
+    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
+)
+
 
 class _Transient(Exception):
     """A failure worth another attempt; ``framing`` marks broken HTTP framing (see module doc)."""
@@ -496,13 +510,15 @@ def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
     """Probe ``path`` with ffprobe and check it is a usable ``kind`` input.
 
     ffprobe is run directly (ffmpeg-python's ``probe`` has no timeout): ``-protocol_whitelist file``
-    keeps playlist formats (HLS, concat) from reaching the network, the ``file:`` prefix keeps a name
-    starting with ``-`` from being read as an option, and a hung probe is killed after ``timeout``.
-    Text playlists never get this far: :func:`download` refuses text.
+    keeps playlist formats from reaching the network, ``-format_whitelist`` (:data:`ALLOWED_DEMUXERS`)
+    keeps them from reading local files, the ``file:`` prefix keeps a name starting with ``-`` from
+    being read as an option, and a hung probe is killed after ``timeout``. Later decodes of the file
+    need no whitelist of their own: they only ever see files this probe accepted.
     """
     settings = settings or get_settings()
     label = _label(kind)
-    args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
+    args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file",
+            "-format_whitelist", ",".join(ALLOWED_DEMUXERS), "-show_format", "-show_streams",
             "-of", "json", f"file:{Path(path).resolve()}"]
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
@@ -513,6 +529,12 @@ def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
                               retryable=False) from exc
     if proc.returncode != 0:
         reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        refused = [line for line in reason if "not on whitelist" in line]
+        if refused:  # "[hls @ 0x…] Format not on whitelist '…'"
+            fmt = refused[0].partition("[")[2].partition(" @")[0] or "unknown"
+            raise MediaError(f"{label} is a playlist or a container format that is not accepted ({fmt}); "
+                             "send a single media file such as MP4, MOV, WebM, WAV or MP3",
+                             stage="validation", details={"format": fmt})
         raise MediaError(f"{label} is not a readable {kind} file", stage="validation",
                          details={"reason": reason[-1][:300] if reason else f"exit {proc.returncode}"})
     try:

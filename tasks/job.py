@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,8 +56,33 @@ class JobRequest(BaseModel):
         return job
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its cause/context chain) is a full disk: ENOSPC from Python, or
+    ffmpeg's "No space left on device" inside an encoder error message."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def failure_body(exc: BaseException, stage_times: dict[str, float], stage: str = "inference") -> tuple[int, dict]:
     """(HTTP status, body) for a failed job: 422 for bad media, 500 for worker faults."""
+    if not isinstance(exc, MediaError) and disk_full(exc):
+        # Say it plainly: the raw errors ("could not write …", an ffmpeg tail) hide the cause, and the
+        # operator must know this worker needs cleaning while the job itself can run elsewhere.
+        where = exc.stage if isinstance(exc, MuseTalkError) else stage
+        body = {"status": "failed", "error_type": "processing_error",
+                "error_message": f"the worker's disk is full (no space left on device) during {where}; "
+                                 "the job can be retried on another worker",
+                "stage": where, "details": {"reason": str(exc)[-300:]}, "retryable": True,
+                "stage_times": stage_times}
+        return 500, body
     if isinstance(exc, MuseTalkError):
         status = 422 if exc.error_type == "media_error" else 500
         body = {"status": "failed", "error_type": exc.error_type, "error_message": exc.message,

@@ -11,6 +11,7 @@ prefix, hide a file, or smuggle a control character into a key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -224,7 +225,7 @@ class B2Storage:
                         # At sign-in even "invalid token" means wrong credentials: no retry will help.
                         error = self._error(exc, "authorization")
                         error.retryable = False
-                        raise error from exc
+                        raise error from None  # see _call: the raw error may quote the key
                     self._authorize = None
                 self._bucket_obj = self.api.get_bucket_by_name(self.bucket_name)
             return self._bucket_obj
@@ -235,7 +236,8 @@ class B2Storage:
 
     def _error(self, exc: BaseException, what: str) -> ProcessingError:
         retryable = isinstance(exc, InvalidAuthToken) or not isinstance(exc, _CONFIG_ERRORS)
-        text = redact(f"{type(exc).__name__}: {exc}", [*self._secrets, *secret_values()])[:300]
+        text = redact(f"{type(exc).__name__}: {exc}", [*self._secrets, *secret_values()])
+        text = " ".join(text.split())[:300]  # b2sdk lists retried errors one per line: keep one line
         return ProcessingError(f"B2 {what} failed: {text}", stage="upload", retryable=retryable,
                                details={"bucket": self.bucket_name})
 
@@ -247,7 +249,9 @@ class B2Storage:
         except FileNotPresent:
             raise
         except Exception as exc:  # b2sdk errors, and requests/OS errors it did not translate
-            raise self._error(exc, what) from exc
+            # "from None": a chained cause is printed in full by every traceback (Prefect's task-run
+            # logs, stored on its server), unredacted; _error already carries its type and scrubbed text.
+            raise self._error(exc, what) from None
 
     def put(self, job_id: str, video_path: Path, sidecar: dict[str, Any]) -> StoredResult:
         """Upload the video, then the sidecar; ProcessingError(stage upload) on failure or timeout."""
@@ -340,14 +344,35 @@ class LocalStorage:
 # ----------------------------------------------------------------------------------- factory + task
 
 
+# One B2Storage per configuration for the whole process: a fresh B2Api per job would sign in to B2 again
+# (a round trip, a billed call) and start its own pool of 10 upload threads, which lingers until the
+# garbage collector breaks the api's reference cycles (the soak saw +10 threads per job, 22 → 52).
+_b2_storages: dict[tuple, "B2Storage"] = {}
+_b2_lock = threading.Lock()
+
+
+def clear_storage_cache() -> None:
+    """Forget the process's B2 storages (tests that swap the B2 backend call this)."""
+    with _b2_lock:
+        _b2_storages.clear()
+
+
 def storage_from_settings(settings: Settings | None = None) -> Storage:
-    """B2 when key id, app key and bucket are set; else local under ``{WORKDIR}/{RESULT_DIR}``."""
+    """B2 when key id, app key and bucket are set (one shared storage per configuration); else local
+    under ``{WORKDIR}/{RESULT_DIR}``."""
     settings = settings or get_settings()
     if settings.b2_enabled:
         assert settings.b2_key_id and settings.b2_app_key and settings.b2_bucket_name
-        return B2Storage.from_credentials(settings.b2_key_id, settings.b2_app_key, settings.b2_bucket_name,
-                                          settings.b2_prefix,
-                                          upload_timeout=settings.musetalk_b2_upload_timeout_sec)
+        secret = hashlib.sha256(settings.b2_app_key.get_secret_value().encode()).hexdigest()  # key rotation
+        key = (settings.b2_key_id, secret, settings.b2_bucket_name, settings.b2_prefix,
+               settings.musetalk_b2_upload_timeout_sec)
+        with _b2_lock:
+            storage = _b2_storages.get(key)
+            if storage is None:
+                storage = _b2_storages[key] = B2Storage.from_credentials(
+                    settings.b2_key_id, settings.b2_app_key, settings.b2_bucket_name, settings.b2_prefix,
+                    upload_timeout=settings.musetalk_b2_upload_timeout_sec)
+        return storage
     return LocalStorage(settings.result_root, settings.b2_prefix)
 
 
