@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -442,6 +443,7 @@ class WorkerService:
 
     def _load(self) -> None:
         started = time.perf_counter()
+        self._sweep_workspaces()
         try:
             engine = self._engine_loader(self.settings)
             if not getattr(engine, "warm", False):
@@ -453,6 +455,15 @@ class WorkerService:
         except Exception as exc:  # noqa: BLE001 — reported by /hc and the heartbeat, never a silent death
             self.load_error = redact(f"{type(exc).__name__}: {exc}")[:500]
             log.error("worker failed to start: %s", self.load_error)
+
+    def _sweep_workspaces(self) -> None:
+        """Remove job workspaces a killed predecessor left behind (SIGKILL skips every cleanup); no job
+        of this process has started yet, and one serve process owns its work dir."""
+        work = self.settings.resolve(self.settings.musetalk_workdir) / "tmp"
+        for directory in work.glob("job-*"):
+            if directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
+                log.warning("removed the stale workspace %s", directory.name)
 
     def grace_over(self) -> bool:
         """Draining for longer than ``MUSETALK_SHUTDOWN_GRACE_SEC``: the running job is to be abandoned."""

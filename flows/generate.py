@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
@@ -65,6 +66,15 @@ def remove_stale_workspaces(work: Path, safe_id: str) -> list[Path]:
     return stale
 
 
+def input_path(tmp: Path, url: str, kind: str) -> Path:
+    """Where a download goes: named after the URL's file name (so messages name the customer's file,
+    not ours), reduced to safe characters, in a folder per kind."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urlsplit(url).path).name).lstrip(".")[:100] or kind
+    folder = tmp / kind
+    folder.mkdir(exist_ok=True)
+    return folder / name
+
+
 def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOutcome:
     """The job's steps; callable inside any flow (``generate`` and ``batch`` share it)."""
     settings = get_settings()
@@ -85,8 +95,8 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         with tempfile.TemporaryDirectory(prefix=f"job-{safe_id}-", dir=work) as tmp:
             tmp_path = Path(tmp)
             with stages("download"):
-                video = fetch_input(job.video_url, tmp_path / "video", "video")
-                audio = fetch_input(job.audio_url, tmp_path / "audio", "audio")
+                video = fetch_input(job.video_url, input_path(tmp_path, job.video_url, "video"), "video")
+                audio = fetch_input(job.audio_url, input_path(tmp_path, job.audio_url, "audio"), "audio")
             with stages("validation"):
                 validate_input(video, "video")
                 validate_input(audio, "audio")
@@ -161,5 +171,6 @@ def generate(job: dict[str, Any], queue_job_id: str | None = None):
 
 
 def outcome_of(state) -> JobOutcome:
-    """The JobOutcome of a finished `generate` state (completed or failed)."""
+    """The JobOutcome of a finished `generate` state (completed or failed with its body). A run that timed
+    out or crashed has none: this raises, and the caller decides (see deployments/serve.py)."""
     return JobOutcome.model_validate(state.result(raise_on_failure=False))

@@ -25,16 +25,22 @@ WHISPER_DIM = 384
 WHISPER_LAYERS = 5
 
 
-def load_audio(path: str | Path) -> np.ndarray:
-    """Decode any audio ffmpeg reads into mono float32 at 16 kHz (no temp files)."""
+def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+    """Decode any audio ffmpeg reads into mono float32 at 16 kHz (no temp files). With ``max_seconds``,
+    decoding stops just past the limit, so a file whose header understates its length cannot make us
+    decode hours of samples, and a longer one is refused."""
+    limit = ["-t", f"{max_seconds + 1:.3f}"] if max_seconds else []
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-protocol_whitelist", "file,pipe", "-i", str(path),
-           "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
+           *limit, "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise MediaError(f"the audio {Path(path).name!r} cannot be decoded: {err[-1] if err else 'ffmpeg failed'}",
                          stage="validation", details={"audio": str(path)})
     samples = np.frombuffer(proc.stdout, dtype=np.float32)
+    if max_seconds and samples.size > max_seconds * SAMPLE_RATE:
+        raise MediaError(f"the audio {Path(path).name!r} is longer than the limit of {max_seconds:g} s",
+                         stage="validation", details={"audio": str(path)})
     if samples.size == 0:
         raise MediaError(f"the audio {Path(path).name!r} has no samples", stage="validation",
                          details={"audio": str(path)})

@@ -152,9 +152,9 @@ class Engine:
             return avatar, False
 
     # -- per audio -------------------------------------------------------------------------------------
-    def encode_audio(self, audio: str | Path) -> tuple[torch.Tensor, int]:
+    def encode_audio(self, audio: str | Path, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
         """Whisper encoder states [steps, 5, 384] of the whole speech track, and its sample count."""
-        samples = audio_mod.load_audio(audio)
+        samples = audio_mod.load_audio(audio, max_seconds)
         return audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype), len(samples)
 
     def windows_from_states(self, states: torch.Tensor, n_samples: int, fps: float, name: str = "audio"):

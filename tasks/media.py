@@ -59,7 +59,7 @@ def audio_states_path(audio_sha256: str) -> Path:
 def audio_features(audio: Path, audio_sha256: str) -> dict[str, Any]:
     """Whisper encoder states of the speech, stored once per audio content."""
     path = audio_states_path(audio_sha256)
-    states, n_samples = get_engine().encode_audio(audio)
+    states, n_samples = get_engine().encode_audio(audio, get_settings().musetalk_max_audio_sec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"states": states.to("cpu", torch.float16).contiguous(),
