@@ -41,6 +41,30 @@ def _halve_after_oom(exc: BaseException, batch_size: int, halved: bool, device: 
     return max(1, batch_size // 2)
 
 
+class _ModelBatches:
+    """The model's faces batch by batch in output order, with one retry at half the batch after an
+    out-of-memory error (then a clear 500: a bigger GPU may do). ``batch_size`` ends as the one used."""
+
+    def __init__(self, generator: FaceGenerator, latents: torch.Tensor, windows: torch.Tensor,
+                 order: np.ndarray, batch_size: int, timer: StageTimer):
+        self.generator, self.latents, self.windows = generator, latents, windows
+        self.order, self.batch_size, self.timer = order, batch_size, timer
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+        start, halved = 0, False
+        while start < len(self.order):
+            idx = self.order[start:start + self.batch_size]
+            try:
+                faces = self.generator.generate(self.latents[torch.as_tensor(idx, device=self.latents.device)],
+                                                self.windows[start:start + self.batch_size], self.timer)
+            except torch.OutOfMemoryError as exc:
+                self.batch_size = _halve_after_oom(exc, self.batch_size, halved, self.generator.device)
+                halved = True
+                continue
+            yield start, idx, faces
+            start += len(idx)
+
+
 class _Channel:
     """A bounded queue whose put/get give up as soon as the pipeline is stopping."""
 
@@ -66,6 +90,20 @@ class _Channel:
                 return self._q.get(timeout=0.1)
             except queue.Empty:
                 continue
+
+
+def _guarded(fn: Callable[[], None], errors: list[BaseException], stop: threading.Event) -> Callable[[], None]:
+    """``fn`` as a pipeline stage: a stop raised by another stage's failure ends it quietly; its own
+    failure is recorded (re-raised by the caller) and stops every other stage."""
+    def run() -> None:
+        try:
+            fn()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
+            errors.append(exc)
+            stop.set()
+    return run
 
 
 def source_frames(frames: Iterator[np.ndarray], order: np.ndarray, n_source: int,
@@ -102,17 +140,6 @@ def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torc
     if generator.device.type == "cuda":
         latents = latents.pin_memory()
 
-    def guarded(fn):
-        def run():
-            try:
-                fn()
-            except _Stopped:
-                pass
-            except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
-                errors.append(exc)
-                stop.set()
-        return run
-
     def decode_stage():
         for frame in source_frames(frames, order, avatar.n_frames, timer):
             sources.put(frame)
@@ -139,34 +166,24 @@ def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torc
             if on_progress and (done % 10 == 0 or done == total):
                 on_progress(done, total)
 
-    threads = [threading.Thread(target=guarded(f), name=f"render-{f.__name__}", daemon=True)
+    threads = [threading.Thread(target=_guarded(f, errors, stop), name=f"render-{f.__name__}", daemon=True)
                for f in (decode_stage, blend_stage, encode_stage)]
     for th in threads:
         th.start()
 
+    batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
+
     def gpu_stage():
-        nonlocal batch_size
-        halved = False
-        start = 0
-        while start < total:
-            idx = torch.as_tensor(order[start:start + batch_size])
-            try:
-                faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
-            except torch.OutOfMemoryError as exc:
-                # one retry at half the batch, then a clear 500 (retryable: a bigger GPU may do)
-                batch_size = _halve_after_oom(exc, batch_size, halved, generator.device)
-                halved = True
-                continue
+        for start, _, faces in batches:
             faces_q.put((start, faces.cpu().numpy()))
-            start += len(idx)
         faces_q.put(_END)
 
-    guarded(gpu_stage)()
+    _guarded(gpu_stage, errors, stop)()
     for th in threads:
         th.join()
     if errors:
         raise errors[0]
-    return batch_size
+    return batches.batch_size
 
 
 def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, windows: torch.Tensor,
@@ -191,39 +208,23 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
 
     def encode_stage():
         done = 0
-        try:
-            while (item := out_q.get()) is not _END:
-                host, n, event = item
-                if event is not None:
-                    event.synchronize()
-                with timer.stage("encode"):
-                    for k in range(n):
-                        writer.write(host[k].numpy())
-                free.put(host)
-                done += n
-                if on_progress:
-                    on_progress(done, total)
-        except _Stopped:
-            pass
-        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
-            errors.append(exc)
-            stop.set()
+        while (item := out_q.get()) is not _END:
+            host, n, event = item
+            if event is not None:
+                event.synchronize()
+            with timer.stage("encode"):
+                for k in range(n):
+                    writer.write(host[k].numpy())
+            free.put(host)
+            done += n
+            if on_progress:
+                on_progress(done, total)
 
-    encoder = threading.Thread(target=encode_stage, name="render-encode", daemon=True)
-    encoder.start()
-    try:
-        start = 0
-        halved = False
-        while start < total and not stop.is_set():
-            idx_np = order[start:start + batch_size]
+    batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
+
+    def model_stage():
+        for _, idx_np, faces in batches:
             idx = torch.as_tensor(idx_np, device=generator.device)
-            try:
-                faces = generator.generate(latents[idx], windows[start:start + batch_size], timer)
-            except torch.OutOfMemoryError as exc:
-                # as on the CPU path: one retry at half the batch (the host buffers still fit)
-                batch_size = _halve_after_oom(exc, batch_size, halved, generator.device)
-                halved = True
-                continue
             with timer.stage("blend"):
                 finished = paste_faces(frames[idx], faces, idx_np, avatar, material)
                 host = free.get()
@@ -234,14 +235,12 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
                     event = torch.cuda.Event()
                     event.record()
             out_q.put((host, n, event))
-            start += n
         out_q.put(_END)
-    except _Stopped:
-        pass
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
-        stop.set()
+
+    encoder = threading.Thread(target=_guarded(encode_stage, errors, stop), name="render-encode", daemon=True)
+    encoder.start()
+    _guarded(model_stage, errors, stop)()
     encoder.join()
     if errors:
         raise errors[0]
-    return batch_size
+    return batches.batch_size
