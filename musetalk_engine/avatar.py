@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,9 @@ class Avatar:
             "latents": self.latents.astype(np.float16), "face_found": self.face_found.astype(np.uint8),
             "mask_shapes": shapes, "mask_data": np.concatenate([m.ravel() for m in self.masks]),
         }
+        # safetensors writes an array's memory as it lies: a strided view (the VAE's output is one) would
+        # be stored scrambled, so every array goes in C order
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         meta = {"format": AVATAR_FORMAT, "video_sha256": self.video_sha256, "fps": self.fps,
                 "width": self.width, "height": self.height, "params": self.params,
                 "weights_fingerprint": self.weights_fingerprint}

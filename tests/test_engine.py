@@ -276,3 +276,18 @@ def test_an_encoder_failure_stops_the_render_instead_of_hanging(path):
     worker.join(timeout=20)
     assert not worker.is_alive(), f"the {path} pipeline hung after its encoder died"
     assert isinstance(outcome.get("error"), ProcessingError)
+
+
+def test_avatar_round_trip_keeps_strided_latents(tmp_path):
+    """The VAE hands back latents as a strided view; the saved avatar must hold the same numbers."""
+    n = 3
+    latents = np.arange(n * 32 * 32 * 8, dtype=np.float16).reshape(n, 32, 32, 8).transpose(0, 3, 1, 2)
+    assert not latents.flags["C_CONTIGUOUS"]
+    avatar = Avatar(video_sha256="x", fps=25.0, width=64, height=64,
+                    boxes=np.array([[8, 8, 56, 56]] * n, np.int32),
+                    crop_boxes=np.array([[-4, -4, 68, 68]] * n, np.int32), latents=latents,
+                    masks=[np.full((72, 72), i, np.uint8) for i in range(n)], face_found=np.ones(n, bool))
+    avatar.save(tmp_path / "a")
+    loaded = Avatar.load(tmp_path / "a")
+    assert np.array_equal(loaded.latents, latents)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.masks, avatar.masks))
