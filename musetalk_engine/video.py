@@ -32,12 +32,17 @@ class VideoInfo:
     is_image: bool
 
 
-def _rotation(stream: dict) -> int:
-    for side in stream.get("side_data_list", []) or []:
+def display_rotation(stream: dict) -> int:
+    """Display rotation in degrees (0/90/180/270) of an ffprobe stream: the display matrix's side data,
+    else the legacy ``rotate`` tag; 0 when neither holds a number."""
+    value = (stream.get("tags") or {}).get("rotate")
+    for side in stream.get("side_data_list") or []:
         if "rotation" in side:
-            return int(round(float(side["rotation"]))) % 360
-    tag = (stream.get("tags") or {}).get("rotate")
-    return int(tag) % 360 if tag else 0
+            value = side["rotation"]
+    try:
+        return int(round(float(value))) % 360
+    except (TypeError, ValueError):
+        return 0
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -53,7 +58,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise MediaError(f"the video {Path(path).name!r} has no video stream", stage="validation",
                          details={"video": str(path)})
     s = streams[0]
-    rotation = _rotation(s)
+    rotation = display_rotation(s)
     w, h = int(s["width"]), int(s["height"])
     if rotation in (90, 270):
         w, h = h, w

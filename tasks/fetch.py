@@ -48,6 +48,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
+from musetalk_engine.video import display_rotation
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -437,16 +438,6 @@ def _rate(value: Any) -> float | None:
     return rate if rate > 0 else None
 
 
-def _rotation(stream: dict[str, Any]) -> int:
-    """Display rotation in degrees (0/90/180/270) from side data or the legacy ``rotate`` tag."""
-    value: Any = (stream.get("tags") or {}).get("rotate")
-    for side in stream.get("side_data_list") or []:
-        if "rotation" in side:
-            value = side["rotation"]
-    number = _float(value)
-    return int(round(number)) % 360 if number is not None else 0
-
-
 def parse_probe(data: dict[str, Any], kind: Kind) -> MediaInfo:
     """Build :class:`MediaInfo` from ffprobe's JSON (``-show_format -show_streams``)."""
     streams = data.get("streams") or []
@@ -473,7 +464,7 @@ def parse_probe(data: dict[str, Any], kind: Kind) -> MediaInfo:
         width=video.get("width") if video else None,
         height=video.get("height") if video else None,
         fps=(_rate(video.get("avg_frame_rate")) or _rate(video.get("r_frame_rate"))) if video else None,
-        rotation=_rotation(video) if video else 0,
+        rotation=display_rotation(video) if video else 0,
         codec=(main or {}).get("codec_name"),
         is_image=is_image,
         format_name=format_name,
