@@ -118,7 +118,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
 
             with stages("inference"):
                 out = tmp_path / f"{safe_id}.mp4"
-                result = render(video, audio, out, audio_sha256=audio_sha, params=params,
+                result = render(video, audio, out, video_sha256=video_sha, audio_sha256=audio_sha, params=params,
                                 batch_size=job.params.batch_size,
                                 aspect_ratio=None if job.params.keep_source_size else job.aspect_ratio,
                                 resolution=None if job.params.keep_source_size else job.resolution,

@@ -28,7 +28,7 @@ from .weights import VAE_SCALING_FACTOR
 
 FACE_SIZE = 256
 MODEL_FPS = 25.0
-AVATAR_FORMAT = 1
+AVATAR_FORMAT = 2  # 2: latents stored in C order (format 1 files hold them scrambled)
 
 
 class PrepareParams(BaseModel):
@@ -111,25 +111,41 @@ class Avatar:
 
 
 class AvatarCache:
-    """Avatars on disk under ``root/<key>/``; shareable between processes and machines."""
+    """Avatars on disk under ``root/<key>/`` (shareable between processes and machines), with the most
+    recent few also kept in memory: a job asks for its avatar twice (prepare, then render) and consecutive
+    jobs often share one, so neither should re-read it from disk."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep_in_memory: int = 2):
         self.root = Path(root)
+        self.keep_in_memory = keep_in_memory
+        self._recent: OrderedDict[str, Avatar] = OrderedDict()
 
     def path(self, key: str) -> Path:
         return self.root / key
 
     def get(self, key: str) -> Avatar | None:
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
         d = self.path(key)
         if not (d / "avatar.json").is_file():
             return None
         try:
-            return Avatar.load(d)
+            avatar = Avatar.load(d)
         except Exception:  # a corrupt entry is recomputed, never fatal
             return None
+        self._remember(key, avatar)
+        return avatar
 
     def put(self, key: str, avatar: Avatar) -> None:
         avatar.save(self.path(key))
+        self._remember(key, avatar)
+
+    def _remember(self, key: str, avatar: Avatar) -> None:
+        self._recent[key] = avatar
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.keep_in_memory:
+            self._recent.popitem(last=False)
 
 
 def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:

@@ -133,16 +133,16 @@ class Engine:
 
     # -- per video -------------------------------------------------------------------------------------
     def prepare(self, video: str | Path, params: PrepareParams | None = None, *, batch_size: int | None = None,
-                timer: StageTimer | None = None) -> tuple[Avatar, bool]:
+                timer: StageTimer | None = None, video_sha256: str | None = None) -> tuple[Avatar, bool]:
         """The avatar for ``video``: from the cache when this video was prepared before, else computed and
-        stored. Returns (avatar, cached)."""
+        stored. Returns (avatar, cached). ``video_sha256`` spares re-hashing a file the caller hashed."""
         from .parsing import FaceParser
 
         video = Path(video)
         params = params or PrepareParams(landmarks=self.landmarks_backend)
         timer = timer or StageTimer()
         with timer.stage("prepare"):
-            sha = file_sha256(video)
+            sha = video_sha256 or file_sha256(video)
             key = avatar_key(sha, params, self.fingerprint)
             cached = self.avatars.get(key)
             if cached is not None:

@@ -45,8 +45,10 @@ def _audio_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 @task(name="prepare-avatar", cache_key_fn=_avatar_cache_key, persist_result=True, result_serializer="json")
 def prepare_avatar(video: Path, video_sha256: str, params: dict[str, Any]) -> dict[str, Any]:
     """Boxes, latents and blend masks of the video (engine cache), summarised for the flow."""
-    avatar, cached = get_engine().prepare(video, PrepareParams.model_validate(params))
-    return {"avatar_key": avatar_key(video_sha256, PrepareParams.model_validate(params), get_engine().fingerprint),
+    engine = get_engine()
+    prepare = PrepareParams.model_validate(params)
+    avatar, cached = engine.prepare(video, prepare, video_sha256=video_sha256)
+    return {"avatar_key": avatar_key(video_sha256, prepare, engine.fingerprint),
             "frames": avatar.n_frames, "width": avatar.width, "height": avatar.height,
             "faces_found": int(avatar.face_found.sum()), "engine_cache_hit": cached}
 
@@ -79,14 +81,14 @@ def load_windows(audio: Path, audio_sha256: str, fps: float) -> torch.Tensor:
 
 
 @task(name="render", cache_policy=NO_CACHE)
-def render(video: Path, audio: Path, out: Path, *, audio_sha256: str, params: dict[str, Any],
+def render(video: Path, audio: Path, out: Path, *, video_sha256: str, audio_sha256: str, params: dict[str, Any],
            batch_size: int | None = None, aspect_ratio: str | None = None, resolution: str | None = None,
            on_progress: Callable[[int, int], None] | None = None) -> RenderResult:
     """The streamed render on the warm engine (avatar from its cache, windows from the feature store),
     framed to the job's aspect ratio and resolution (both None keeps the source frame)."""
     engine = get_engine()
     prepare = PrepareParams.model_validate(params)
-    avatar, _ = engine.prepare(video, prepare)
+    avatar, _ = engine.prepare(video, prepare, video_sha256=video_sha256)
     shape = output_shape(aspect_ratio, resolution, avatar.width, avatar.height, avatar.boxes)
     windows = load_windows(audio, audio_sha256, prepare.fps)
     return engine.render(video, audio, out, params=prepare, batch_size=batch_size, shape=shape,
