@@ -128,10 +128,14 @@ def time_model_only(engine, batches: list[tuple[torch.Tensor, torch.Tensor]]) ->
 
 
 def encoder_args(encoder: str) -> list[str]:
-    """The video codec settings of `musetalk_engine.video.VideoWriter` (kept in step with it)."""
-    if encoder == "h264_nvenc":
-        return ["-c:v", "h264_nvenc", "-preset", "p4", "-cq", "18", "-pix_fmt", "yuv420p"]
-    return ["-c:v", encoder, "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"]
+    """The video codec settings of `musetalk_engine.video.VideoWriter`, as ffmpeg command-line options."""
+    from musetalk_engine.video import video_codec_options
+
+    options = video_codec_options(encoder)
+    args = ["-c:v", str(options.pop("vcodec"))]
+    for name, value in options.items():
+        args += [f"-{name}", str(value)]
+    return args
 
 
 def floor_command(video: Path, audio: Path, out: Path, *, frames: int, n_source: int, fps: float,

@@ -114,6 +114,12 @@ def nvenc_available() -> bool:
     return proc.returncode == 0
 
 
+def video_codec_options(encoder: str, crf: int = 18) -> dict[str, str | int]:
+    """The H.264 settings of every render (ffmpeg output options; the benchmark's floor uses them too)."""
+    quality = {"preset": "p4", "cq": crf} if encoder == "h264_nvenc" else {"preset": "veryfast", "crf": crf}
+    return {"vcodec": encoder, "pix_fmt": "yuv420p", **quality}
+
+
 @dataclass(frozen=True)
 class OutputShape:
     """An optional crop (in source pixels) followed by a scale, applied by ffmpeg's own filters."""
@@ -141,11 +147,8 @@ class VideoWriter:
         # yuv420p needs even sides; pad odd sources by one pixel rather than resample them
         video = video.filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
         audio = ffmpeg.input(str(audio_path), protocol_whitelist=SAFE_PROTOCOLS).audio
-        codec = {"vcodec": self.encoder, "pix_fmt": "yuv420p"}
-        codec.update({"preset": "p4", "cq": crf} if self.encoder == "h264_nvenc"
-                     else {"preset": "veryfast", "crf": crf})
         out = ffmpeg.output(video, audio, str(self.out_path), acodec="aac", audio_bitrate="128k",
-                            movflags="+faststart", **codec)
+                            movflags="+faststart", **video_codec_options(self.encoder, crf))
         self._proc = out.global_args("-nostdin", "-v", "error", "-y").run_async(pipe_stdin=True,
                                                                                   pipe_stderr=True)
         self._stderr: list[bytes] = []
