@@ -16,6 +16,12 @@ def _even(v: float) -> int:
     return max(2, int(round(v / 2)) * 2)
 
 
+def _even_down(v: int) -> int:
+    """Crop offsets on even pixels: a 4:2:0 input (the GPU path's) can only be cut there, so both render
+    paths cut the same pixels."""
+    return v - v % 2
+
+
 def validate_framing(aspect_ratio: str | None, resolution: str | None) -> None:
     """Raise a 422-class error naming the accepted values when either is unknown."""
     if aspect_ratio and aspect_ratio not in ASPECT_RATIOS:
@@ -46,13 +52,13 @@ def output_shape(aspect_ratio: str | None, resolution: str | None, width: int, h
             cw = min(width, _even(height * target))
             cx = (x1 + x2) / 2
             x0 = int(np.clip(round(cx - cw / 2), 0, width - cw))
-            crop = (x0, 0, cw, height)
+            crop = (_even_down(x0), 0, cw, height)
         else:  # too tall: cut top/bottom, keeping the whole face (centred when the frame allows)
             ch = min(height, _even(width / target))
             cy = (y1 + y2) / 2
             y0 = int(np.clip(round(cy - ch / 2), 0, height - ch))
             y0 = int(np.clip(y0, max(0, y2 - ch), min(y1, height - ch))) if y2 - y1 <= ch else y0
-            crop = (0, y0, width, ch)
+            crop = (0, _even_down(y0), width, ch)
     if resolution:
         short = RESOLUTIONS[resolution]
         if cw <= ch:
