@@ -1,7 +1,7 @@
 """Video in and out through the system ffmpeg, frames only ever in memory.
 
-Decoding resamples to the model's frame rate and honours rotation metadata; encoding takes raw RGB
-frames on a pipe, muxes the speech, and writes a faststart MP4 (NVENC when this ffmpeg and GPU can,
+Decoding resamples to the model's frame rate and honours rotation metadata; encoding takes raw frames
+(RGB, or I420 made on the GPU) on a pipe, muxes the speech, and writes a faststart MP4 (NVENC when this ffmpeg and GPU can,
 libx264 otherwise)."""
 
 from __future__ import annotations
@@ -120,6 +120,13 @@ def video_codec_options(encoder: str, crf: int = 18) -> dict[str, str | int]:
     return {"vcodec": encoder, "pix_fmt": "yuv420p", **quality}
 
 
+def i420_shape(height: int, width: int) -> tuple[int, int]:
+    """One I420 (yuv420p) frame as a 2-D uint8 array: the Y plane, then U and V (a quarter each) below it."""
+    if height % 2 or width % 2:
+        raise ValueError(f"4:2:0 needs even sides, not {width}x{height}")
+    return height * 3 // 2, width
+
+
 @dataclass(frozen=True)
 class OutputShape:
     """An optional crop (in source pixels) followed by a scale, applied by ffmpeg's own filters."""
@@ -129,14 +136,22 @@ class OutputShape:
 
 
 class VideoWriter:
-    """Raw RGB frames in, H.264 + AAC MP4 out, through one ffmpeg process fed on a pipe."""
+    """Raw frames in, H.264 + AAC MP4 out, through one ffmpeg process fed on a pipe.
+
+    ``pix_fmt`` is the frames' layout: ``rgb24`` (H×W×3) or ``yuv420p`` (I420 as one (H·3/2)×W array,
+    even sides only; see :mod:`musetalk_engine.yuv`). ``frame_shape`` is what ``write`` expects."""
 
     def __init__(self, out_path: str | Path, width: int, height: int, fps: float, audio_path: str | Path,
-                 shape: OutputShape | None = None, encoder: str | None = None, crf: int = 18):
+                 shape: OutputShape | None = None, encoder: str | None = None, crf: int = 18,
+                 pix_fmt: str = "rgb24"):
         self.out_path = Path(out_path)
         self.width, self.height = width, height
+        if pix_fmt not in ("rgb24", "yuv420p"):
+            raise ValueError(f"pix_fmt must be rgb24 or yuv420p, not {pix_fmt!r}")
+        self.pix_fmt = pix_fmt
+        self.frame_shape = (height, width, 3) if pix_fmt == "rgb24" else i420_shape(height, width)
         self.encoder = encoder or ("h264_nvenc" if nvenc_available() else "libx264")
-        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}",
+        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt=pix_fmt, s=f"{width}x{height}",
                              framerate=fps)
         shape = shape or OutputShape()
         if shape.crop:
@@ -158,14 +173,19 @@ class VideoWriter:
         self.frames = 0
 
     def write(self, frame: np.ndarray) -> None:
-        if frame.shape != (self.height, self.width, 3):
-            raise ValueError(f"frame shape {frame.shape} != {(self.height, self.width, 3)}")
+        """One frame of ``frame_shape``."""
+        self.write_frames(frame[None])
+
+    def write_frames(self, frames: np.ndarray) -> None:
+        """A stack of frames [N, *frame_shape] in one pipe write."""
+        if frames.shape[1:] != self.frame_shape:
+            raise ValueError(f"frame shape {frames.shape[1:]} != {self.frame_shape} ({self.pix_fmt})")
         try:
-            self._proc.stdin.write(np.ascontiguousarray(frame).data)
+            self._proc.stdin.write(np.ascontiguousarray(frames).data)
         except BrokenPipeError:
             self.close()  # raises with ffmpeg's own message
             raise
-        self.frames += 1
+        self.frames += len(frames)
 
     def close(self) -> None:
         if self._proc.stdin and not self._proc.stdin.closed:
