@@ -203,7 +203,10 @@ class Engine:
                 device_frames = self._frames_on_device(video, avatar, info, timer) \
                     if self.blend_on == "device" else None
                 gen_start = time.perf_counter()
-                writer = VideoWriter(out, avatar.width, avatar.height, avatar.fps, audio, shape=shape)
+                # the device path hands the encoder I420 made on the GPU (4:2:0 needs even sides)
+                yuv = device_frames is not None and avatar.width % 2 == 0 and avatar.height % 2 == 0
+                writer = VideoWriter(out, avatar.width, avatar.height, avatar.fps, audio, shape=shape,
+                                     pix_fmt="yuv420p" if yuv else "rgb24")
                 try:
                     if device_frames is not None:
                         frames, material = device_frames

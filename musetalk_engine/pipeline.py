@@ -189,21 +189,24 @@ def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torc
 def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, windows: torch.Tensor,
                          generator: FaceGenerator, writer: VideoWriter, batch_size: int, timer: StageTimer,
                          on_progress: Callable[[int, int], None] | None = None) -> int:
-    """The device path: source frames already on the model's device, blending as tensor ops right after
-    the decode, finished frames copied once into reused (pinned, on CUDA) host buffers that the encoder
-    thread drains. Returns the batch size used."""
+    """The device path: source frames already on the model's device, blending (and, for a ``yuv420p``
+    writer, the colour conversion) as tensor ops right after the decode, finished frames copied once into
+    reused (pinned, on CUDA) host buffers that the encoder thread writes, a batch per pipe write. The host
+    only waits for the GPU when every buffer is taken, so it queues batch n+1 while batch n runs. Returns
+    the batch size used."""
     from .device_blend import paste_faces
+    from .yuv import rgb_to_i420
 
     total = int(windows.shape[0])
     order = cycle_indices(avatar.n_frames, total)
     stop = threading.Event()
     errors: list[BaseException] = []
     cuda = generator.device.type == "cuda"
+    yuv = writer.pix_fmt == "yuv420p"
     out_q = _Channel(stop, maxsize=3)
     free = _Channel(stop, maxsize=3)  # stop-aware: an encoder that died keeps its buffer; don't wait for it
-    h, w = avatar.height, avatar.width
     for _ in range(3):  # three buffers: one filling, one being encoded, one spare
-        free.put(torch.empty((batch_size, h, w, 3), dtype=torch.uint8, pin_memory=cuda))
+        free.put(torch.empty((batch_size, *writer.frame_shape), dtype=torch.uint8, pin_memory=cuda))
     latents = torch.from_numpy(avatar.latents).to(generator.device)
 
     def encode_stage():
@@ -213,8 +216,7 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
             if event is not None:
                 event.synchronize()
             with timer.stage("encode"):
-                for k in range(n):
-                    writer.write(host[k].numpy())
+                writer.write_frames(host[:n].numpy())
             free.put(host)
             done += n
             if on_progress:
@@ -225,15 +227,17 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
     def model_stage():
         for _, idx_np, faces in batches:
             idx = torch.as_tensor(idx_np, device=generator.device)
-            with timer.stage("blend"):
+            with timer.stage("blend", generator.device):
                 finished = paste_faces(frames[idx], faces, idx_np, avatar, material)
-                host = free.get()
-                n = len(idx_np)
-                host[:n].copy_(finished, non_blocking=cuda)
-                event = None
-                if cuda:
-                    event = torch.cuda.Event()
-                    event.record()
+                if yuv:
+                    finished = rgb_to_i420(finished)
+            host = free.get()
+            n = len(idx_np)
+            host[:n].copy_(finished, non_blocking=cuda)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
             out_q.put((host, n, event))
         out_q.put(_END)
 

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from musetalk_engine.avatar import Avatar
 from musetalk_engine.blend import (
     blend_mask, crop_with_padding, expanded_crop_box, feather_kernel_size, paste_face, prepare_blend_material,
 )
+from musetalk_engine.device_blend import DeviceBlendMaterial, paste_faces
 from musetalk_engine.parsing import SKIN, FaceParser
 
 
@@ -140,3 +142,32 @@ def test_prepare_blend_material_batches_frames():
         np.testing.assert_array_equal(mask, expected)
     with pytest.raises(ValueError, match="face boxes"):
         prepare_blend_material(frames, boxes[:2], parser)
+
+
+def test_device_paste_gives_the_numpy_paste_for_a_batch():
+    """The tensor-op blend (the CUDA path's) on the CPU: the same frames as ``paste_face`` within one level,
+    faces at the frame edges included, and a frame without a face left as it was."""
+    boxes = [(50, 30, 110, 100), (0, 0, 40, 50), (130, 80, 160, 120), (-10, 90, 30, 140)]
+    crops = [expanded_crop_box(b) for b in boxes]
+    masks = []
+    for cx0, cy0, cx1, cy1 in crops:
+        mask = np.full((cy1 - cy0, cx1 - cx0), 255, np.uint8)
+        mask[: (cy1 - cy0) // 2] = 0
+        masks.append(cv2.GaussianBlur(mask, (9, 9), 0))
+    n = len(boxes)
+    frames = np.stack([_frame_face(seed=s)[0] for s in range(n)])
+    faces = np.stack([_frame_face(seed=10 + s)[1] for s in range(n)])
+    h, w = frames.shape[1:3]
+    face_found = np.array([True, True, True, False])
+    avatar = Avatar(video_sha256="x", fps=25.0, width=w, height=h, boxes=np.array(boxes, np.int32),
+                    crop_boxes=np.array(crops, np.int32), latents=np.zeros((n, 8, 32, 32), np.float16),
+                    masks=masks, face_found=face_found)
+    order = [2, 0, 3, 1]  # batches follow the cycle, not the source order
+    out = paste_faces(torch.from_numpy(frames[order]), torch.from_numpy(faces[order]), order, avatar,
+                      DeviceBlendMaterial(avatar, torch.device("cpu"))).numpy()
+    for j, i in enumerate(order):
+        expected = frames[i].copy()
+        if face_found[i]:
+            paste_face(expected, faces[i], boxes[i], masks[i], crops[i])
+        assert np.abs(out[j].astype(int) - expected).max() <= 1, f"frame {i}"
+    assert np.array_equal(out[order.index(3)], frames[3])

@@ -28,7 +28,7 @@ from musetalk_engine.errors import MediaError, NoFaceError, ProcessingError
 from musetalk_engine.metrics import STAGES, StageTimer
 from musetalk_engine.pipeline import render_stream, render_stream_device
 from musetalk_engine.sample_media import astronaut_frame, make_speech
-from musetalk_engine.video import decode_frames, probe_video
+from musetalk_engine.video import VideoWriter, decode_frames, probe_video
 from tests.media import (MARKER, ffprobe, image_files, lavfi_video, marked_avatar_video, media_duration,
                          read_markers, rotated_video)
 
@@ -222,15 +222,21 @@ def test_audio_shorter_than_a_frame_is_a_media_error(engine, tmp_path):
 # --- the two render pipelines ---------------------------------------------------------------------------
 
 def test_device_blend_path_matches_the_cpu_path(engine, media, cached, tmp_path, monkeypatch):
-    """The tensor-op blend (the CUDA default) gives the frames of the numpy blend, here run on the CPU."""
+    """The device path (the CUDA default: tensor-op blend, I420 made on the device, a batch per pipe
+    write) renders the video of the numpy path, here on the CPU. The blends are pinned to one level in
+    test_blend; here the encoder's inputs differ (RGB vs I420), so x264 codes detail a little differently
+    (≈ 1.1 levels on average, as in test_yuv for identical frames)."""
     assert engine.blend_on == "cpu"  # so ``cached`` went through the numpy blend
     monkeypatch.setattr(engine, "blend_on", "device")
+    writers = []
+    monkeypatch.setattr(engine_mod, "VideoWriter", lambda *a, **kw: writers.append(kw) or VideoWriter(*a, **kw))
     dev = engine.render(media.video, media.short_speech, tmp_path / "device.mp4")
+    assert writers[0]["pix_fmt"] == "yuv420p"
     assert dev.frames == cached.frames == 10 and dev.metrics.avatar_cached
     a = np.stack(list(decode_frames(cached.output, 25.0))).astype(np.int16)
     b = np.stack(list(decode_frames(dev.output, 25.0))).astype(np.int16)
     assert a.shape == b.shape == (10, media.height, media.width, 3)
-    assert np.abs(a - b).mean() < 0.5
+    assert np.abs(a - b).mean() < 1.5
     assert read_markers(dev.output) == list(range(10))
 
 
@@ -244,9 +250,14 @@ class _InstantGenerator:
 class _DyingWriter:
     """An encoder that dies on its first frame, slowly enough for the GPU side to run ahead."""
 
-    def write(self, frame):
+    pix_fmt, frame_shape = "rgb24", (64, 64, 3)
+
+    def write_frames(self, frames):
         time.sleep(0.2)
         raise ProcessingError("the encoder died", stage="postprocessing")
+
+    def write(self, frame):
+        self.write_frames(frame[None])
 
 
 @pytest.mark.parametrize("path", ["cpu", "device"])
