@@ -15,26 +15,47 @@ STAGES = ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode")
 
 
 class StageTimer:
-    """Accumulates seconds per stage; safe to use from the pipeline's threads."""
+    """Accumulates seconds per stage; safe to use from the pipeline's threads.
+
+    A stage timed on a CUDA device is measured with a pair of CUDA events on the current stream and read
+    only when the times are asked for, so timing never makes the host wait for the GPU (a synchronize per
+    stage would stop the host from queueing the next batch while this one runs)."""
 
     def __init__(self) -> None:
         self._times: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
 
     @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
+    def stage(self, name: str, device: torch.device | None = None):
+        """Time the block: wall-clock, or the GPU's own time for the work it queues on ``device``."""
+        if device is not None and device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                with self._lock:
+                    self._pending.append((name, start, end))
+            return
+        start_s = time.perf_counter()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - start)
+            self.add(name, time.perf_counter() - start_s)
 
     def add(self, name: str, seconds: float) -> None:
         with self._lock:
             self._times[name] += seconds
 
     def as_dict(self) -> dict[str, float]:
+        """Seconds per stage (waits for GPU stages still running)."""
         with self._lock:
+            for name, start, end in self._pending:
+                end.synchronize()
+                self._times[name] += start.elapsed_time(end) / 1000
+            self._pending.clear()
             return {k: round(self._times.get(k, 0.0), 4) for k in (*STAGES, *sorted(set(self._times) - set(STAGES)))}
 
 

@@ -74,10 +74,6 @@ class FaceGenerator:
         graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self.device, self.dtype)
         return graph
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @torch.inference_mode()
     def unet_latents(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """[B,8,32,32] inputs + [B,50,384] audio windows → [B,4,32,32] predicted face latents."""
@@ -103,13 +99,11 @@ class FaceGenerator:
         return image.to(torch.uint8).permute(0, 2, 3, 1)
 
     def generate(self, latents: torch.Tensor, audio: torch.Tensor, timer=None) -> torch.Tensor:
-        """Both steps with their times recorded under ``unet`` and ``vae_decode`` when a timer is given."""
+        """Both steps with their times recorded under ``unet`` and ``vae_decode`` when a timer is given
+        (GPU time on CUDA; the faces may still be being computed when this returns)."""
         if timer is None:
             return self.decode(self.unet_latents(latents, audio))
-        with timer.stage("unet"):
+        with timer.stage("unet", self.device):
             pred = self.unet_latents(latents, audio)
-            self._sync()
-        with timer.stage("vae_decode"):
-            faces = self.decode(pred)
-            self._sync()
-        return faces
+        with timer.stage("vae_decode", self.device):
+            return self.decode(pred)
