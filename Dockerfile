@@ -64,10 +64,12 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Distribution packages track the base image's Ubuntu release (security updates included), so they are not
 # pinned one by one. ffmpeg/ffprobe encode and probe media (NVENC when the driver exposes it; libx264
-# otherwise); espeak-ng makes the benchmark's speech; tini reaps zombies and forwards signals.
+# otherwise); espeak-ng makes the benchmark's speech; tini reaps zombies and forwards signals; gcc and the
+# Python headers let Triton build its kernel launcher for the `compiled` mode (without them it falls back).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ffmpeg espeak-ng tini ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ffmpeg \
+      espeak-ng tini ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --user-group --create-home --home-dir /home/app --shell /usr/sbin/nologin app
 

@@ -117,6 +117,8 @@ class Engine:
         accel = self.config.accel
         if accel == "auto":
             accel = "graphs" if self.device.type == "cuda" else "eager"
+        if accel == "compiled":  # kernels kept beside the avatars, so later process starts reuse them
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.config.cache_dir).parent / "inductor"))
         self.generator = FaceGenerator(self.unet, self.vae, self.device, self.dtype, mode=accel)
         blend = self.config.blend
         self.blend_on = ("device" if self.device.type == "cuda" else "cpu") if blend == "auto" else blend
