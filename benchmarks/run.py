@@ -119,10 +119,11 @@ def model_batches(engine, avatar, windows: torch.Tensor, batch_size: int) -> lis
 def time_model_only(engine, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Seconds for UNet + VAE decode of every batch; one synchronisation at the end, as a stream would."""
     gen = engine.generator
+    batch_size = batches[0][0].shape[0]
     _sync(gen.device)
     start = time.perf_counter()
     for lat, win in batches:
-        gen.generate(lat, win)
+        gen.generate(lat, win, batch_size=batch_size)  # a short last batch runs as the render runs it
     _sync(gen.device)
     return time.perf_counter() - start
 

@@ -259,9 +259,9 @@ class Engine:
         return entry
 
     def warmup(self) -> None:
-        """One small forward pass through every per-frame model so the first job pays no lazy init."""
+        """One forward pass through every per-frame model so the first job pays no lazy init; the fast
+        modes warm at the render's batch size, so the graph capture or compile happens here, not in a job."""
+        n = 1 if self.generator.mode == "eager" else self.batch_size()
         with self._lock, torch.inference_mode():
-            latents = torch.zeros(1, 8, 32, 32)
-            windows = torch.zeros(1, 50, 384)
-            self.generator.generate(latents, windows)
+            self.generator.generate(torch.zeros(n, 8, 32, 32), torch.zeros(n, 50, 384))
             self.warm = True

@@ -56,7 +56,8 @@ class _ModelBatches:
             idx = self.order[start:start + self.batch_size]
             try:
                 faces = self.generator.generate(self.latents[torch.as_tensor(idx, device=self.latents.device)],
-                                                self.windows[start:start + self.batch_size], self.timer)
+                                                self.windows[start:start + self.batch_size], self.timer,
+                                                batch_size=self.batch_size)
             except torch.OutOfMemoryError as exc:
                 self.batch_size = _halve_after_oom(exc, self.batch_size, halved, self.generator.device)
                 halved = True

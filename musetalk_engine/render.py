@@ -67,10 +67,6 @@ class FaceGenerator:
     def _graph_for(self, batch: int):
         from .accel import GraphedUNet
 
-        # one graph per batch size; a short last batch pads into the largest graph instead of capturing
-        larger = [b for b in self._graphs if b >= batch]
-        if larger:
-            return self._graphs[min(larger)]
         graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self.device, self.dtype)
         return graph
 
@@ -98,12 +94,22 @@ class FaceGenerator:
         image = (image.float() / 2 + 0.5).clamp_(0, 1).mul_(255).round_()
         return image.to(torch.uint8).permute(0, 2, 3, 1)
 
-    def generate(self, latents: torch.Tensor, audio: torch.Tensor, timer=None) -> torch.Tensor:
+    def generate(self, latents: torch.Tensor, audio: torch.Tensor, timer=None,
+                 batch_size: int | None = None) -> torch.Tensor:
         """Both steps with their times recorded under ``unet`` and ``vae_decode`` when a timer is given
-        (GPU time on CUDA; the faces may still be being computed when this returns)."""
+        (GPU time on CUDA; the faces may still be being computed when this returns).
+
+        ``batch_size`` is the size of the run's full batches. The fast modes are built per batch size
+        (a graph capture, a compile), so a shorter batch, a job's last, runs padded to it instead of
+        building anew."""
+        n = latents.shape[0]
+        size = n if self.mode == "eager" else max(n, batch_size or n)
+        if size > n:  # repeat the last frame's inputs; their faces are dropped below
+            latents = torch.cat([latents, latents[-1:].expand(size - n, *latents.shape[1:])])
+            audio = torch.cat([audio, audio[-1:].expand(size - n, *audio.shape[1:])])
         if timer is None:
-            return self.decode(self.unet_latents(latents, audio))
+            return self.decode(self.unet_latents(latents, audio))[:n]
         with timer.stage("unet", self.device):
             pred = self.unet_latents(latents, audio)
         with timer.stage("vae_decode", self.device):
-            return self.decode(pred)
+            return self.decode(pred)[:n]

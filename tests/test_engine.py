@@ -243,7 +243,7 @@ def test_device_blend_path_matches_the_cpu_path(engine, media, cached, tmp_path,
 class _InstantGenerator:
     device = torch.device("cpu")
 
-    def generate(self, latents, windows, timer=None):
+    def generate(self, latents, windows, timer=None, batch_size=None):
         return torch.zeros(len(latents), 256, 256, 3, dtype=torch.uint8)
 
 
