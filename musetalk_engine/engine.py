@@ -104,6 +104,10 @@ class Engine:
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        else:
+            # shapes are fixed per batch size, so cuDNN's per-shape search for the fastest convolution
+            # (the VAE decoder is convolutions) pays once, at warm-up
+            torch.backends.cudnn.benchmark = True
         started = time.perf_counter()
         self.unet = load_unet(self.paths, self.device, self.dtype)
         self.vae = load_vae(self.paths, self.device, self.dtype)
@@ -259,9 +263,10 @@ class Engine:
         return entry
 
     def warmup(self) -> None:
-        """One forward pass through every per-frame model so the first job pays no lazy init; the fast
-        modes warm at the render's batch size, so the graph capture or compile happens here, not in a job."""
-        n = 1 if self.generator.mode == "eager" else self.batch_size()
+        """One forward pass through every per-frame model so the first job pays no lazy init. On a GPU,
+        and in the fast modes, at the render's batch size: the graph capture, compile or cuDNN's search
+        for that shape happens here, not in a job."""
+        n = 1 if self.device.type == "cpu" and self.generator.mode == "eager" else self.batch_size()
         with self._lock, torch.inference_mode():
             self.generator.generate(torch.zeros(n, 8, 32, 32), torch.zeros(n, 50, 384))
             self.warm = True
