@@ -47,7 +47,7 @@ def backoff_delay(base: float, failures: int, cap: float) -> float:
 
 
 class TicketLike(Protocol):
-    """What the render queue hands back for a submitted job (see :class:`deployments.serve.Ticket`)."""
+    """What the render queue hands back for a submitted job (see :class:`deployments.render_queue.Ticket`)."""
 
     future: Any
     started: float | None

@@ -32,16 +32,12 @@ stamping it on every sidecar would make different jobs look alike.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import shutil
 import socket
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import FastAPI, Header, Request
@@ -50,7 +46,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.generate import JobOutcome, generate, outcome_of
+from deployments.outcomes import outcome_from_state, timed_out, unavailable
+from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
+from flows.generate import JobOutcome, generate
 from musetalk_engine.errors import STAGES, MediaError
 from tasks.job import JobRequest, failure_body
 from tasks.settings import Settings, get_settings, redact
@@ -60,8 +58,6 @@ log = logging.getLogger(__name__)
 # How long past the job timeout the HTTP caller waits for the flow's own TimedOut outcome before it is
 # answered anyway (the render thread may be stuck in native code, where Prefect's cancellation cannot land).
 TIMEOUT_MARGIN_SEC = 15.0
-# How long an abandoned render gets to unwind after the exception is raised in its thread.
-ABANDON_WAIT_SEC = 5.0
 # The waiting request re-checks draining this often (a signal handler must not touch asyncio objects).
 POLL_SEC = 0.25
 # Generous: the temporary server's first start takes 15-20 s on a loaded machine (default timeout 20 s).
@@ -81,227 +77,6 @@ class ServeOptions(BaseSettings):
     musetalk_shutdown_grace_sec: float = Field(25.0, ge=0)
     # /hc reports "stuck" once a render has run this long past MUSETALK_JOB_TIMEOUT_SEC.
     musetalk_stuck_grace_sec: float = Field(60.0, ge=0)
-
-
-# ------------------------------------------------------------------------------------ response bodies
-
-
-def failed_body(message: str, *, stage: str = "preprocessing", retryable: bool = True,
-                details: dict[str, Any] | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """A worker-side ``processing_error`` body of the contract (DESIGN §4)."""
-    return {"status": "failed", "error_type": "processing_error", "error_message": message, "stage": stage,
-            "details": dict(details or {}), "retryable": retryable, "stage_times": {},
-            "musetalk_job_id": job_id}
-
-
-def unavailable(reason: str, message: str, job_id: str | None = None) -> JobOutcome:
-    """503 (Salad's queue retries it elsewhere): not ready, busy, draining."""
-    return JobOutcome(http_status=503, body=failed_body(message, details={"reason": reason}, job_id=job_id))
-
-
-def timed_out(timeout: float, job_id: str | None) -> JobOutcome:
-    return JobOutcome(http_status=500, body=failed_body(
-        f"the job did not finish within MUSETALK_JOB_TIMEOUT_SEC={timeout:g} s", stage="inference",
-        details={"reason": "timeout", "timeout_sec": timeout}, job_id=job_id))
-
-
-def outcome_from_state(state: Any, timeout: float, job_id: str | None) -> tuple[JobOutcome, bool]:
-    """The job's outcome from a finished ``generate`` state, and whether the flow produced it itself.
-
-    A flow that timed out or crashed carries no outcome (the flow body never returned one); those become
-    a retryable 500 here."""
-    try:
-        return outcome_of(state), True
-    except Exception:  # noqa: BLE001 — any unreadable result means the flow did not finish its own way
-        pass
-    if getattr(state, "name", "") == "TimedOut":
-        return timed_out(timeout, job_id), False
-    message = redact(f"flow run ended {getattr(state, 'name', '?')}: {getattr(state, 'message', '')}")[:500]
-    return JobOutcome(http_status=500, body=failed_body(message, stage="inference", job_id=job_id)), False
-
-
-# ------------------------------------------------------------------------------------------ render queue
-
-
-class QueueFull(RuntimeError):
-    """More jobs are waiting than ``MUSETALK_MAX_QUEUED`` allows."""
-
-
-class QueueClosed(RuntimeError):
-    """The worker is shutting down."""
-
-
-class JobAbandoned(BaseException):
-    """Raised inside the render thread to abandon its job at shutdown.
-
-    A BaseException, like Prefect's own cancellation, so the job's ``except Exception`` handlers do not
-    swallow it: the flow run ends Crashed and every ``finally``/``with`` on the way out still runs."""
-
-
-def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException] | None) -> bool:
-    """Schedule ``exc_type`` in ``thread`` (raised at its next Python instruction, not inside a C call);
-    ``None`` withdraws one still pending. Prefect cancels sync flow runs in threads the same way."""
-    if thread.ident is None:
-        return False
-    exc = ctypes.py_object(exc_type) if exc_type is not None else None
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), exc)
-    return n == 1
-
-
-@dataclass
-class Ticket:
-    """One submitted job: its input, its result future, and when it started rendering."""
-
-    job: dict[str, Any]
-    queue_job_id: str | None
-    future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.monotonic)
-    started: float | None = None
-
-    @property
-    def job_id(self) -> str | None:
-        return self.job.get("musetalk_job_id")
-
-
-class RenderQueue:
-    """The single render thread: jobs run one at a time, in arrival order (one GPU per process).
-
-    ``run(job, queue_job_id)`` must return a :class:`JobOutcome`; it runs on the render thread only."""
-
-    def __init__(self, run: Callable[[dict[str, Any], str | None], JobOutcome], *, max_queued: int = 4):
-        self._run = run
-        self.max_queued = max_queued
-        self._cond = threading.Condition()
-        self._waiting: deque[Ticket] = deque()
-        self._current: Ticket | None = None
-        self._abandoned: Ticket | None = None
-        self._closed = False
-        # daemon: an abandoned render stuck in native code must not keep the process alive at exit
-        self._thread = threading.Thread(target=self._loop, name="render", daemon=True)
-
-    # --- state
-
-    @property
-    def busy(self) -> bool:
-        """A job is rendering or waiting."""
-        with self._cond:
-            return self._current is not None or any(not t.future.cancelled() for t in self._waiting)
-
-    @property
-    def current(self) -> Ticket | None:
-        return self._current
-
-    def running_for(self) -> float:
-        """Seconds the current job has been rendering (0 when idle)."""
-        t = self._current
-        return time.monotonic() - t.started if t is not None and t.started is not None else 0.0
-
-    # --- use
-
-    def submit(self, job: dict[str, Any], queue_job_id: str | None = None) -> Ticket:
-        """Queue a job; raises QueueFull past the bound, QueueClosed while shutting down."""
-        with self._cond:
-            if self._closed:
-                raise QueueClosed("the worker is shutting down")
-            waiting = sum(1 for t in self._waiting if not t.future.cancelled())
-            pending = waiting + (self._current is not None)
-            if pending >= 1 + self.max_queued:
-                raise QueueFull(f"{waiting} job(s) already waiting for the GPU (MUSETALK_MAX_QUEUED="
-                                f"{self.max_queued})")
-            ticket = Ticket(dict(job), queue_job_id)
-            self._waiting.append(ticket)
-            if self._thread.ident is None:  # started on first use: an app that never serves has no thread
-                self._thread.start()
-            self._cond.notify_all()
-            return ticket
-
-    def close(self) -> int:
-        """Refuse new jobs and cancel the waiting ones (their futures end cancelled); returns how many."""
-        with self._cond:
-            self._closed = True
-            cancelled = sum(1 for t in self._waiting if t.future.cancel())
-            self._waiting.clear()
-            self._cond.notify_all()
-            return cancelled
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing renders or waits (at most ``timeout`` s)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._current is not None or self._waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
-
-    def abandon(self, wait: float = ABANDON_WAIT_SEC) -> bool:
-        """Raise :class:`JobAbandoned` in the render thread and wait for it to unwind; True when it did.
-
-        Raised once per job: a second exception could cut the first one's cleanup short."""
-        with self._cond:
-            ticket = self._current
-            if ticket is None:
-                return True
-            if self._abandoned is not ticket:
-                self._abandoned = ticket
-                log.warning("abandoning job %s after %.0f s of rendering", ticket.job_id, self.running_for())
-                _raise_in_thread(self._thread, JobAbandoned)
-        try:
-            ticket.future.exception(timeout=wait)
-            return True
-        except Exception:  # noqa: BLE001 — concurrent.futures.TimeoutError: still stuck in native code
-            log.error("job %s did not unwind within %.0f s; exiting anyway", ticket.job_id, wait)
-            return False
-
-    # --- the thread
-
-    def _next(self) -> Ticket | None:
-        with self._cond:
-            while True:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if not self._waiting:
-                    return None
-                ticket = self._waiting.popleft()
-                if ticket.future.set_running_or_notify_cancel():  # False: its caller gave up waiting
-                    ticket.started = time.monotonic()
-                    self._current = ticket
-                    return ticket
-
-    def _loop(self) -> None:
-        ticket: Ticket | None = None
-        while True:
-            try:
-                ticket = self._next()
-                if ticket is None:
-                    return
-                self._finish(ticket, self._run_ticket(ticket))
-            except JobAbandoned:  # landed just after the job returned (see abandon): settle it, go on
-                if ticket is not None:
-                    self._finish(ticket, unavailable("abandoned", "the worker shut down", ticket.job_id))
-
-    def _run_ticket(self, ticket: Ticket) -> JobOutcome:
-        try:
-            return self._run(ticket.job, ticket.queue_job_id)
-        except JobAbandoned:
-            return unavailable("abandoned", "the worker shut down before the job finished", ticket.job_id)
-        except BaseException as exc:  # noqa: BLE001 — the render thread must survive any job
-            log.exception("job %s crashed the render call", ticket.job_id)
-            status, body = failure_body(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)),
-                                        {}, "inference")
-            return JobOutcome(http_status=status, body={**body, "musetalk_job_id": ticket.job_id})
-
-    def _finish(self, ticket: Ticket, outcome: JobOutcome) -> None:
-        with self._cond:
-            if self._current is ticket:
-                self._current = None
-                # abandon() schedules its exception only while this ticket is current: drop one not yet
-                # delivered, so it cannot hit the next job
-                _raise_in_thread(self._thread, None)
-            self._cond.notify_all()
-        if not ticket.future.done():
-            ticket.future.set_result(outcome)
 
 
 # ----------------------------------------------------------------------------------------------- service

@@ -218,7 +218,7 @@ def second_worker(env, **options: Any) -> Iterator[tuple[str, Any, uvicorn.Serve
 
 def test_render_queue_is_fifo_bounded_and_can_abandon_a_job():
     """The render queue alone (no engine): one thread, arrival order, a bound, abandon at shutdown."""
-    from deployments.serve import JobOutcome, QueueClosed, QueueFull, RenderQueue
+    from deployments.render_queue import JobOutcome, QueueClosed, QueueFull, RenderQueue
 
     order: list[int] = []
     running = threading.Event()
