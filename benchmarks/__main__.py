@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: small random models (CPU, CI); full-random: released sizes, random weights; "
                         "real: the released weights in --models")
     p.add_argument("--out", type=Path, required=True, help="result JSON to write")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a BenchmarkConfig JSON file: what to measure (the measurement flags below are ignored)")
     p.add_argument("--models", type=Path, default=None, help="models directory (required for 'real')")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where generated models and media are kept (default $MUSETALK_CACHE_DIR/benchmark)")
@@ -80,11 +82,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     from benchmarks.run import BenchmarkConfig, run_benchmark, write_result
 
-    config = BenchmarkConfig(
-        profile=args.profile, models_dir=args.models, work_dir=args.work_dir,
-        batch_sizes=args.batch_sizes or [], modes=args.modes or [], audio_seconds=args.audio_seconds,
-        video_seconds=args.video_seconds, width=args.width, height=args.height, fps=args.fps,
-        device=args.device, torch_threads=args.torch_threads, repeats=args.repeats, gpu_class=args.gpu_class)
+    if args.config is not None:
+        config = BenchmarkConfig.model_validate_json(args.config.read_text(encoding="utf-8"))
+    else:
+        config = BenchmarkConfig(
+            profile=args.profile, models_dir=args.models, work_dir=args.work_dir,
+            batch_sizes=args.batch_sizes or [], modes=args.modes or [], audio_seconds=args.audio_seconds,
+            video_seconds=args.video_seconds, width=args.width, height=args.height, fps=args.fps,
+            device=args.device, torch_threads=args.torch_threads, repeats=args.repeats, gpu_class=args.gpu_class)
     say = logging.getLogger("benchmarks").info
     result = run_benchmark(config, process_start=_process_start(), say=say)
     write_result(result, args.out)

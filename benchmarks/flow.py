@@ -10,7 +10,9 @@ Three ways to measure, one way to record:
   (`PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`, e.g. an S3-compatible bucket); the flow persists its result
   as JSON;
 - `classes` + `via="salad"`: one Salad queue job per class (`salad_queues` maps class id → queue, default
-  `benchmark-<prefix>`); the container's worker runs the benchmark and the job's output is the result.
+  `benchmark-<prefix>`); a container group of that class whose queue connection points at the worker's
+  `POST /benchmark` (`deployments/benchmark_job.py`) measures in a child process and the job's output is
+  `{"status": "ok", "result": …}`.
 
 Results merge into `targets_path` per class id, keeping every other entry (`benchmarks.targets`), with
 prices from `prices_path`; then a table artifact, a PNG chart and a markdown artifact pointing at it.

@@ -53,6 +53,8 @@ class Ticket:
 
     job: dict[str, Any]
     queue_job_id: str | None
+    run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None  # None: the queue's own
+    timeout: float | None = None  # how long it may run; None: the worker's job timeout
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -97,8 +99,12 @@ class RenderQueue:
 
     # --- use
 
-    def submit(self, job: dict[str, Any], queue_job_id: str | None = None) -> Ticket:
-        """Queue a job; raises QueueFull past the bound, QueueClosed while shutting down."""
+    def submit(self, job: dict[str, Any], queue_job_id: str | None = None, *,
+               run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None,
+               timeout: float | None = None) -> Ticket:
+        """Queue a job (run by ``run`` instead of the queue's own callable when given: other GPU work,
+        such as a benchmark, waits its turn like a render); raises QueueFull past the bound, QueueClosed
+        while shutting down."""
         with self._cond:
             if self._closed:
                 raise QueueClosed("the worker is shutting down")
@@ -107,7 +113,7 @@ class RenderQueue:
             if pending >= 1 + self.max_queued:
                 raise QueueFull(f"{waiting} job(s) already waiting for the GPU (MUSETALK_MAX_QUEUED="
                                 f"{self.max_queued})")
-            ticket = Ticket(dict(job), queue_job_id)
+            ticket = Ticket(dict(job), queue_job_id, run, timeout)
             self._waiting.append(ticket)
             if self._thread.ident is None:  # started on first use: an app that never serves has no thread
                 self._thread.start()
@@ -182,7 +188,7 @@ class RenderQueue:
 
     def _run_ticket(self, ticket: Ticket) -> JobOutcome:
         try:
-            return self._run(ticket.job, ticket.queue_job_id)
+            return (ticket.run or self._run)(ticket.job, ticket.queue_job_id)
         except JobAbandoned:
             return unavailable("abandoned", "the worker shut down before the job finished", ticket.job_id)
         except BaseException as exc:  # noqa: BLE001 — the render thread must survive any job

@@ -1,5 +1,6 @@
-"""The long-lived worker process: HTTP ``/hc`` + ``/generate`` (DESIGN §4) and, when ``BUFFER_WORKER_ID`` is
-set, the buffer heartbeat/claim loop (DESIGN §5), all over ONE warm engine.
+"""The long-lived worker process: HTTP ``/hc`` + ``/generate`` (DESIGN §4), ``/benchmark`` (the benchmark
+flow's Salad jobs, :mod:`deployments.benchmark_job`) and, when ``BUFFER_WORKER_ID`` is set, the buffer
+heartbeat/claim loop (DESIGN §5), all over ONE warm engine.
 
 Why one process: Prefect's ``flow.serve()`` and process workers start a fresh interpreter per flow run, which
 would reload the weights for every job. Here the ``generate`` flow is called in-process, so the engine loaded
@@ -46,6 +47,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deployments.benchmark_job import BenchmarkJob, run_benchmark_job
 from deployments.outcomes import outcome_from_state, timed_out, unavailable
 from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
 from flows.generate import JobOutcome, generate
@@ -77,6 +79,8 @@ class ServeOptions(BaseSettings):
     musetalk_shutdown_grace_sec: float = Field(25.0, ge=0)
     # /hc reports "stuck" once a render has run this long past MUSETALK_JOB_TIMEOUT_SEC.
     musetalk_stuck_grace_sec: float = Field(60.0, ge=0)
+    # POST /benchmark: how long one benchmark job may measure (a full-random sweep takes minutes).
+    musetalk_benchmark_timeout_sec: float = Field(3600.0, gt=0)
 
 
 # ----------------------------------------------------------------------------------------------- service
@@ -164,8 +168,13 @@ class WorkerService:
         gpu = getattr(self.engine, "gpu", None) or {}
         return self.settings.gpu_class_name or gpu.get("name")
 
+    def timeout_of(self, ticket: Ticket | None) -> float:
+        """How long ``ticket`` may run: its own timeout, else MUSETALK_JOB_TIMEOUT_SEC."""
+        return (ticket.timeout if ticket is not None and ticket.timeout else None) or self.job_timeout
+
     def stuck(self) -> bool:
-        return self.queue.running_for() > self.job_timeout + self.options.musetalk_stuck_grace_sec
+        timeout = self.timeout_of(self.queue.current)
+        return self.queue.running_for() > timeout + self.options.musetalk_stuck_grace_sec
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) of ``/hc``."""
@@ -300,7 +309,7 @@ class WorkerService:
     # --- waiting for a job from async code
 
     async def outcome(self, ticket: Ticket) -> JobOutcome:
-        """Await a ticket's outcome without blocking the event loop; bounded by the job timeout."""
+        """Await a ticket's outcome without blocking the event loop; bounded by its timeout."""
         waiter = asyncio.wrap_future(ticket.future)
         abandoning = False
         while True:
@@ -318,10 +327,10 @@ class WorkerService:
                 # abandon here, within uvicorn's graceful window, so the caller still gets its 503
                 abandoning = True
                 asyncio.get_running_loop().run_in_executor(None, self.queue.abandon, ABANDON_WAIT_SEC)
-            elif time.monotonic() - ticket.started > self.job_timeout + TIMEOUT_MARGIN_SEC:
+            elif time.monotonic() - ticket.started > self.timeout_of(ticket) + TIMEOUT_MARGIN_SEC:
                 log.error("job %s: no outcome %.0f s past its timeout; answering 500, render thread stuck",
                           ticket.job_id, TIMEOUT_MARGIN_SEC)
-                return timed_out(self.job_timeout, ticket.job_id)
+                return timed_out(self.timeout_of(ticket), ticket.job_id)
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -446,6 +455,32 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         except QueueClosed as exc:
             return _response(unavailable("draining", str(exc), job.musetalk_job_id))
         log.info("job %s accepted (Salad job %s)", job.musetalk_job_id, salad_job_id or "-")
+        return _response(await service.outcome(ticket))
+
+    @app.post("/benchmark", summary="Measure this worker's GPU (a benchmark flow job, via Salad)",
+              responses={422: {"model": GenerateFailed, "description": "invalid benchmark request"},
+                         500: {"model": GenerateFailed, "description": "the measurement failed"},
+                         503: {"model": GenerateFailed, "description": "not ready / busy / shutting down"}})
+    async def benchmark_endpoint(
+            job: BenchmarkJob,
+            salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
+        refusal = service.admission(None)
+        if refusal is not None:
+            return _response(refusal)
+        timeout = service.options.musetalk_benchmark_timeout_sec
+        cuda = getattr(getattr(service.engine, "device", None), "type", "cpu") == "cuda"
+
+        def measure(payload: dict[str, Any], _queue_job_id: str | None) -> JobOutcome:
+            return run_benchmark_job(payload, service.settings, timeout, cuda=cuda)
+
+        try:
+            ticket = service.queue.submit(job.model_dump(mode="json"), salad_job_id, run=measure,
+                                          timeout=timeout)
+        except QueueFull as exc:
+            return _response(unavailable("busy", str(exc)))
+        except QueueClosed as exc:
+            return _response(unavailable("draining", str(exc)))
+        log.info("benchmark job accepted (Salad job %s)", salad_job_id or "-")
         return _response(await service.outcome(ticket))
 
     return app
