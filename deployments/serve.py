@@ -308,6 +308,23 @@ class WorkerService:
 
     # --- waiting for a job from async code
 
+    async def take(self, job: dict[str, Any], queue_job_id: str | None, *, job_id: str | None = None,
+                   run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None,
+                   timeout: float | None = None) -> JobOutcome:
+        """An HTTP job from arrival to outcome: admission, its turn on the render thread (``run`` for work
+        other than a render), then its outcome, or the 503 that says why it cannot be taken."""
+        refusal = self.admission(job_id)
+        if refusal is not None:
+            return refusal
+        try:
+            ticket = self.queue.submit(job, queue_job_id, run=run, timeout=timeout)
+        except QueueFull as exc:
+            return unavailable("busy", str(exc), job_id)
+        except QueueClosed as exc:
+            return unavailable("draining", str(exc), job_id)
+        log.info("%s accepted (Salad job %s)", f"job {job_id}" if job_id else "benchmark job", queue_job_id or "-")
+        return await self.outcome(ticket)
+
     async def outcome(self, ticket: Ticket) -> JobOutcome:
         """Await a ticket's outcome without blocking the event loop; bounded by its timeout."""
         waiter = asyncio.wrap_future(ticket.future)
@@ -445,17 +462,8 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
     async def generate_endpoint(
             job: GenerateRequest,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
-        refusal = service.admission(job.musetalk_job_id)
-        if refusal is not None:
-            return _response(refusal)
-        try:
-            ticket = service.queue.submit(job.model_dump(mode="json", exclude_unset=True), salad_job_id)
-        except QueueFull as exc:
-            return _response(unavailable("busy", str(exc), job.musetalk_job_id))
-        except QueueClosed as exc:
-            return _response(unavailable("draining", str(exc), job.musetalk_job_id))
-        log.info("job %s accepted (Salad job %s)", job.musetalk_job_id, salad_job_id or "-")
-        return _response(await service.outcome(ticket))
+        return _response(await service.take(job.model_dump(mode="json", exclude_unset=True), salad_job_id,
+                                            job_id=job.musetalk_job_id))
 
     @app.post("/benchmark", summary="Measure this worker's GPU (a benchmark flow job, via Salad)",
               responses={422: {"model": GenerateFailed, "description": "invalid benchmark request"},
@@ -464,24 +472,14 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
     async def benchmark_endpoint(
             job: BenchmarkJob,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
-        refusal = service.admission(None)
-        if refusal is not None:
-            return _response(refusal)
         timeout = service.options.musetalk_benchmark_timeout_sec
         cuda = getattr(getattr(service.engine, "device", None), "type", "cpu") == "cuda"
 
         def measure(payload: dict[str, Any], _queue_job_id: str | None) -> JobOutcome:
             return run_benchmark_job(payload, service.settings, timeout, cuda=cuda)
 
-        try:
-            ticket = service.queue.submit(job.model_dump(mode="json"), salad_job_id, run=measure,
-                                          timeout=timeout)
-        except QueueFull as exc:
-            return _response(unavailable("busy", str(exc)))
-        except QueueClosed as exc:
-            return _response(unavailable("draining", str(exc)))
-        log.info("benchmark job accepted (Salad job %s)", salad_job_id or "-")
-        return _response(await service.outcome(ticket))
+        return _response(await service.take(job.model_dump(mode="json"), salad_job_id, run=measure,
+                                            timeout=timeout))
 
     return app
 
