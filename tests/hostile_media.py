@@ -40,7 +40,7 @@ UNSET_ENV = ("PREFECT_API_URL", "ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BA
              "INTERNAL_API_KEY", "B2_KEY_ID", "B2_APP_KEY", "B2_BUCKET_NAME", "B2_PREFIX",
              "MUSETALK_RESULT_DIR", "MUSETALK_BATCH_SIZE", "MUSETALK_LANDMARKS", "SALAD_API_KEY",
              "MUSETALK_ALLOW_LOCAL_FILES", "MUSETALK_MAX_DOWNLOAD_MB", "MUSETALK_MAX_AUDIO_SEC",
-             "MUSETALK_MAX_VIDEO_SEC")
+             "MUSETALK_MAX_VIDEO_SEC", "MUSETALK_JOB_TIMEOUT_SEC")
 
 
 def worker_env(mp, work: Path, models: Path, **extra: str) -> None:
@@ -432,6 +432,19 @@ def b2_api_factory(raw: Any) -> Callable[..., Any]:
         return api
 
     return build
+
+
+def simulated_b2(mp, bucket: str, app_key: str) -> tuple[Any, str]:
+    """Point ``tasks.storage`` at a fresh in-memory B2 (on a pytest MonkeyPatch) with 0.1 s between upload
+    attempts instead of production's seconds; returns (raw simulator, key id)."""
+    import tasks.storage
+    from flows import generate as generate_module
+
+    raw, key_id = b2_simulator(bucket, app_key)
+    mp.setattr(tasks.storage, "B2Api", b2_api_factory(raw))
+    tasks.storage.clear_storage_cache()  # storages are shared per configuration: start from this simulator
+    mp.setattr(generate_module, "upload_result", tasks.storage.upload_result.with_options(retry_delay_seconds=0.1))
+    return raw, key_id
 
 
 def b2_read(raw: Any, bucket: str, name: str) -> bytes:

@@ -16,13 +16,9 @@ import pytest
 from flows.batch import (ARTIFACT_KEY, COLUMNS, gather_share, group_by_avatar, load_manifest,
                          split_shares)
 from musetalk_engine.sample_media import make_avatar_video, make_speech
+from tests.hostile_media import worker_env
 
 pytest_plugins = ["tests.fixtures_engine"]
-
-# Variables that would point the flow at real services; the batch runs must not see them.
-_UNSET = ("PREFECT_API_URL", "ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BASE_URL", "B2_KEY_ID",
-          "B2_APP_KEY", "B2_BUCKET_NAME", "MUSETALK_RESULT_DIR", "B2_PREFIX")
-
 
 # --------------------------------------------------------------------------------- manifest (fast)
 
@@ -148,13 +144,7 @@ def env(tmp_path_factory, tiny_models):
 
     work = tmp_path_factory.mktemp("batch-work")
     mp = pytest.MonkeyPatch()
-    for name in _UNSET:
-        mp.delenv(name, raising=False)
-    mp.setenv("MUSETALK_WORKDIR", str(work))
-    mp.setenv("MUSETALK_MODELS_DIR", str(tiny_models))
-    mp.setenv("MUSETALK_CACHE_DIR", str(work / "cache"))
-    mp.setenv("MUSETALK_ALLOW_LOCAL_FILES", "true")
-    get_settings.cache_clear()
+    worker_env(mp, work, tiny_models, MUSETALK_ALLOW_LOCAL_FILES="true")
     # Prefect reads its settings at import (collection time): a later env change would be ignored.
     # The temporary server's default 20 s start budget ran out once on these busy CPUs.
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):

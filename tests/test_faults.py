@@ -248,10 +248,8 @@ def _register_hooks(raw, counters: dict[str, int], watch: dict, final: Path) -> 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, tiny_models) -> Faults:
     import tasks.storage
-    from flows import generate as generate_module
     from musetalk_engine.engine import Engine
     from tasks.progress import OrchestratorClient
-    from tasks.storage import upload_result
 
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("faults-work")
@@ -259,11 +257,7 @@ def faults(tmp_path_factory, tiny_models) -> Faults:
     video, audio = hm.avatar_clip(media / "avatar.mp4"), hm.speech(media / "speech.wav")
     mp = pytest.MonkeyPatch()
     hm.worker_env(mp, work, tiny_models, MUSETALK_CACHE_DIR=str(base / "shared-engine-cache"))
-    raw, key_id = hm.b2_simulator(BUCKET, APP_KEY)
-    mp.setattr(tasks.storage, "B2Api", hm.b2_api_factory(raw))
-    tasks.storage.clear_storage_cache()  # storages are shared per configuration: start from this simulator
-    # seconds, not the production 5 s / 10 s between upload attempts
-    mp.setattr(generate_module, "upload_result", upload_result.with_options(retry_delay_seconds=0.1))
+    raw, key_id = hm.simulated_b2(mp, BUCKET, APP_KEY)
     from_settings = OrchestratorClient.from_settings.__func__
     mp.setattr(OrchestratorClient, "from_settings",
                classmethod(lambda cls, settings=None, **kw: from_settings(cls, settings, **{"timeout": 0.5, **kw})))

@@ -95,8 +95,6 @@ class Run:
 def run(tmp_path_factory, tiny_models) -> Run:
     import tasks.storage
     from b2sdk.v2.exception import ServiceError
-    from flows import generate as generate_module
-    from tasks.storage import upload_result
 
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("secrets-work")
@@ -104,10 +102,7 @@ def run(tmp_path_factory, tiny_models) -> Run:
     video, audio = hm.avatar_clip(media / "avatar.mp4"), hm.speech(media / "speech.wav")
     cache = base / "shared-engine-cache"
     mp = pytest.MonkeyPatch()
-    raw, key_id = hm.b2_simulator(BUCKET, SECRETS["B2_APP_KEY"])
-    mp.setattr(tasks.storage, "B2Api", hm.b2_api_factory(raw))
-    tasks.storage.clear_storage_cache()  # storages are shared per configuration: start from this simulator
-    mp.setattr(generate_module, "upload_result", upload_result.with_options(retry_delay_seconds=0.1))
+    raw, key_id = hm.simulated_b2(mp, BUCKET, SECRETS["B2_APP_KEY"])
 
     @contextmanager
     def leaky_b2():  # an upstream error that quotes the key it was given

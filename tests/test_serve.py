@@ -24,11 +24,9 @@ import uvicorn
 from musetalk_engine.engine import Engine
 from musetalk_engine.errors import MediaError
 from tasks.settings import Settings, get_settings
+from tests.hostile_media import UNSET_ENV, worker_env
 
 pytest_plugins = ["tests.fixtures_engine"]
-
-_UNSET = ("ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BASE_URL", "BUFFER_WORKER_ID", "INTERNAL_API_KEY",
-          "B2_KEY_ID", "B2_APP_KEY", "B2_BUCKET_NAME", "MUSETALK_JOB_TIMEOUT_SEC", "MUSETALK_BATCH_SIZE")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -139,15 +137,9 @@ def env(tiny_models, tmp_path_factory):
     """Settings for this module's worker: tiny models, its own cache (a fresh engine), local storage."""
     root = tmp_path_factory.mktemp("serve")
     mp = pytest.MonkeyPatch()
-    for name in _UNSET:
-        mp.delenv(name, raising=False)
-    mp.setenv("MUSETALK_MODELS_DIR", str(tiny_models))
-    mp.setenv("MUSETALK_CACHE_DIR", str(root / "cache"))
-    mp.setenv("MUSETALK_WORKDIR", str(root / "work"))
-    mp.setenv("MUSETALK_ALLOW_PRIVATE_URLS", "true")
-    mp.setenv("MUSETALK_DOWNLOAD_RETRY_BASE_SEC", "0.01")
     (root / "work").mkdir()
-    get_settings.cache_clear()
+    worker_env(mp, root / "work", tiny_models, MUSETALK_CACHE_DIR=str(root / "cache"),
+               MUSETALK_DOWNLOAD_RETRY_BASE_SEC="0.01")
     yield root
     mp.undo()
     get_settings.cache_clear()
@@ -422,7 +414,7 @@ def test_cli_serve_reports_a_failed_load_and_stops_on_sigterm(tmp_path):
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    env = {k: v for k, v in os.environ.items() if k not in _UNSET and not k.startswith("MUSETALK_")}
+    env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV and not k.startswith("MUSETALK_")}
     env.update(MUSETALK_MODELS_DIR=str(tmp_path / "no-models"), MUSETALK_WORKDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env, cwd=tmp_path,

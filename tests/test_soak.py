@@ -70,9 +70,7 @@ def samples(tmp_path_factory, tiny_models) -> tuple[list[Sample], Path, hm.FakeO
     # 1 s of video is 2 source frames at 2 fps; 0.5 s of speech is 1 output frame
     video, audio = hm.avatar_clip(media / "avatar.mp4", seconds=1.0), hm.speech(media / "speech.wav", seconds=0.5)
     mp = pytest.MonkeyPatch()
-    raw, key_id = hm.b2_simulator(BUCKET, "K005-soak-app-key-0000")
-    mp.setattr(tasks.storage, "B2Api", hm.b2_api_factory(raw))
-    tasks.storage.clear_storage_cache()
+    raw, key_id = hm.simulated_b2(mp, BUCKET, "K005-soak-app-key-0000")
     try:
         with hm.MediaServer() as server, hm.FakeOrchestrator("ok") as orchestrator:
             hm.worker_env(mp, work, tiny_models, MUSETALK_CACHE_DIR=str(base / "shared-engine-cache"),
