@@ -30,12 +30,13 @@ class StageTimer:
     def stage(self, name: str, device: torch.device | None = None):
         """Time the block: wall-clock, or the GPU's own time for the work it queues on ``device``."""
         if device is not None and device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             try:
                 yield
             finally:
-                end.record()
+                end.record(stream)
                 with self._lock:
                     self._pending.append((name, start, end))
             return

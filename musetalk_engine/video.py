@@ -1,8 +1,8 @@
 """Video in and out through the system ffmpeg, frames only ever in memory.
 
 Decoding resamples to the model's frame rate and honours rotation metadata; encoding takes raw frames
-(RGB, or I420 made on the GPU) on a pipe, muxes the speech, and writes a faststart MP4 (NVENC when this ffmpeg and GPU can,
-libx264 otherwise)."""
+(RGB, or I420 made on the GPU) on a pipe, muxes the speech, and writes a faststart MP4 (NVENC when this
+ffmpeg and GPU can, libx264 otherwise)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from .video import i420_shape
 
 
-
 @functools.lru_cache(maxsize=4)
 def _bt601(device: torch.device) -> torch.Tensor:
     """Rows Y, Cb, Cr; columns R, G, B (ITU-R BT.601, studio swing, inputs 0..255), kept on ``device``."""
