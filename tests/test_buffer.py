@@ -21,7 +21,8 @@ from flows.generate import JobOutcome
 from musetalk_engine.engine import Engine
 from tasks.progress import OrchestratorClient
 from tasks.settings import get_settings
-from tests.test_serve import _UNSET, RenderSpy, media_server, serve_in_thread, wait_until
+from tests.hostile_media import worker_env
+from tests.test_serve import RenderSpy, media_server, serve_in_thread, wait_until
 
 pytest_plugins = ["tests.fixtures_engine"]
 
@@ -209,16 +210,10 @@ def buffer_env(tiny_models, tmp_path_factory, orchestrator):
     _, url = orchestrator
     root = tmp_path_factory.mktemp("buffer")
     mp = pytest.MonkeyPatch()
-    for name in _UNSET:
-        mp.delenv(name, raising=False)
-    values = {"MUSETALK_MODELS_DIR": str(tiny_models), "MUSETALK_CACHE_DIR": str(root / "cache"),
-              "MUSETALK_WORKDIR": str(root / "work"), "MUSETALK_ALLOW_PRIVATE_URLS": "true",
-              "BUFFER_WORKER_ID": "gpu-box-1", "ORCHESTRATOR_BASE_URL": url, "INTERNAL_API_KEY": KEY,
-              "BUFFER_POLL_INTERVAL_SEC": str(INTERVAL), "GPU_CLASS_NAME": "RTX test (24 GB)"}
-    for name, value in values.items():
-        mp.setenv(name, value)
     (root / "work").mkdir()
-    get_settings.cache_clear()
+    worker_env(mp, root / "work", tiny_models, MUSETALK_CACHE_DIR=str(root / "cache"),
+               BUFFER_WORKER_ID="gpu-box-1", ORCHESTRATOR_BASE_URL=url, INTERNAL_API_KEY=KEY,
+               BUFFER_POLL_INTERVAL_SEC=str(INTERVAL), GPU_CLASS_NAME="RTX test (24 GB)")
     yield root
     mp.undo()
     get_settings.cache_clear()
