@@ -42,9 +42,8 @@ def _region_alpha(avatar: Avatar, i: int):
 
 def paste_faces(frames: torch.Tensor, faces: torch.Tensor, indices, avatar: Avatar,
                 material: DeviceBlendMaterial) -> torch.Tensor:
-    """Composite ``faces`` [B,256,256,3] uint8 into copies of ``frames`` [B,H,W,3] uint8 (same device) for
-    source frames ``indices``; returns the finished frames."""
-    out = frames.clone()
+    """Composite ``faces`` [B,256,256,3] uint8 into ``frames`` [B,H,W,3] uint8 (same device, modified in
+    place: pass a copy) for source frames ``indices``; returns ``frames``."""
     for j, i in enumerate(indices):
         i = int(i)
         region = material.regions[i]
@@ -57,6 +56,6 @@ def paste_faces(frames: torch.Tensor, faces: torch.Tensor, indices, avatar: Avat
         face = F.interpolate(face, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
         face = face[0, :, ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0].permute(1, 2, 0)
         alpha = material.alphas[i]
-        dst = out[j, ry0:ry1, rx0:rx1].float()
-        out[j, ry0:ry1, rx0:rx1] = (face * alpha + dst * (1 - alpha)).round_().clamp_(0, 255).to(torch.uint8)
-    return out
+        dst = frames[j, ry0:ry1, rx0:rx1].float()
+        frames[j, ry0:ry1, rx0:rx1] = (face * alpha + dst * (1 - alpha)).round_().clamp_(0, 255).to(torch.uint8)
+    return frames

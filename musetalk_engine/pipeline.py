@@ -49,16 +49,20 @@ class _ModelBatches:
                  order: np.ndarray, batch_size: int, timer: StageTimer):
         self.generator, self.latents, self.windows = generator, latents, windows
         self.order, self.batch_size, self.timer = order, batch_size, timer
+        # the frame order where the latents are, copied once: a copy per batch would make the host wait
+        # for the GPU each time (a pageable host→device copy synchronises)
+        self.order_on_latents = torch.as_tensor(order, device=latents.device)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
         start, halved = 0, False
         while start < len(self.order):
             idx = self.order[start:start + self.batch_size]
             try:
-                faces = self.generator.generate(self.latents[torch.as_tensor(idx, device=self.latents.device)],
+                faces = self.generator.generate(self.latents[self.order_on_latents[start:start + len(idx)]],
                                                 self.windows[start:start + self.batch_size], self.timer,
                                                 batch_size=self.batch_size)
             except torch.OutOfMemoryError as exc:
+                self.generator.release_fast_paths()  # their memory is what the retry at half needs
                 self.batch_size = _halve_after_oom(exc, self.batch_size, halved, self.generator.device)
                 halved = True
                 continue
@@ -226,19 +230,20 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
     batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
 
     def model_stage():
-        for _, idx_np, faces in batches:
-            idx = torch.as_tensor(idx_np, device=generator.device)
+        for start, idx_np, faces in batches:
+            n = len(idx_np)
             with timer.stage("blend", generator.device):
-                finished = paste_faces(frames[idx], faces, idx_np, avatar, material)
+                # frames[...] gathers a fresh copy, which the faces are pasted into
+                finished = paste_faces(frames[batches.order_on_latents[start:start + n]], faces, idx_np,
+                                       avatar, material)
                 if yuv:
                     finished = rgb_to_i420(finished)
             host = free.get()
-            n = len(idx_np)
             host[:n].copy_(finished, non_blocking=cuda)
             event = None
-            if cuda:
+            if cuda:  # on the stream the copy was queued on: the engine's device, not the current one
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(generator.device))
             out_q.put((host, n, event))
         out_q.put(_END)
 
