@@ -33,7 +33,9 @@ class GraphedUNet:
                 unet(self.latents, self.t0, encoder_hidden_states=self.audio)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        # thread_local: the render's encoder thread may wait on an event while a capture runs (a batch
+        # size first seen mid-render); in the default global mode that would invalidate the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.inference_mode():
             self.out = unet(self.latents, self.t0, encoder_hidden_states=self.audio).sample
 
     def __call__(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,7 @@ class Engine:
         blend = self.config.blend
         self.blend_on = ("device" if self.device.type == "cuda" else "cpu") if blend == "auto" else blend
         self._device_frames: OrderedDict[str, tuple] = OrderedDict()
+        self._auto_batch: int | None = None
         self.fingerprint = weights_fingerprint(self.paths)
         self.avatars = AvatarCache(self.config.cache_dir)
         self.gpu = gpu_info(self.device)
@@ -182,7 +183,14 @@ class Engine:
         return self.windows_from_states(states, n_samples, fps, f"audio {Path(audio).name!r}")
 
     def batch_size(self) -> int:
-        return self.config.batch_size or auto_batch_size(self.device)
+        """The configured batch size, else the one free VRAM allows, read once: the warm engine's own
+        memory (graphs, cached frames) would otherwise shrink it job by job, and each new size costs
+        a graph capture or a compile."""
+        if self.config.batch_size:
+            return self.config.batch_size
+        if self._auto_batch is None:
+            self._auto_batch = auto_batch_size(self.device)
+        return self._auto_batch
 
     # -- per job ---------------------------------------------------------------------------------------
     def render(self, video: str | Path, audio: str | Path, out: str | Path, *,

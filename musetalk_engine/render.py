@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -10,6 +11,9 @@ from .audio import positional_encoding
 from .weights import VAE_SCALING_FACTOR
 
 log = logging.getLogger(__name__)
+
+# CUDA graphs kept at once: the engine's batch size, a job's own, and an OOM retry's half
+MAX_GRAPHS = 3
 
 
 class FaceGenerator:
@@ -31,7 +35,7 @@ class FaceGenerator:
         self.mode = mode
         self._pe = positional_encoding(50).to(device=device, dtype=dtype)
         self._t0 = torch.zeros(1, device=device, dtype=torch.long)
-        self._graphs: dict[int, object] = {}
+        self._graphs: OrderedDict[int, object] = OrderedDict()  # batch size → graph, least recent first
         self._unet_fast = self._decoder_fast = None
         if mode == "compiled":
             from .accel import compile_module
@@ -49,8 +53,7 @@ class FaceGenerator:
     def _run_unet(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         if self.mode == "graphs":
             try:
-                graph = self._graphs.get(latents.shape[0]) or self._graph_for(latents.shape[0])
-                return graph(latents, audio)
+                return self._graph_for(latents.shape[0])(latents, audio)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 — capture problems must not fail the job
@@ -65,10 +68,24 @@ class FaceGenerator:
         return self.unet(latents, self._t0, encoder_hidden_states=audio).sample
 
     def _graph_for(self, batch: int):
+        """The graph for this batch size, captured on first use. Each graph keeps its own memory pool, so
+        only the most recently used few are kept (jobs may ask for any batch size)."""
         from .accel import GraphedUNet
 
+        if batch in self._graphs:
+            self._graphs.move_to_end(batch)
+            return self._graphs[batch]
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+            torch.cuda.empty_cache()
         graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self.device, self.dtype)
         return graph
+
+    def release_fast_paths(self) -> None:
+        """Drop the captured graphs and their memory (before a retry at a smaller batch after an OOM)."""
+        if self._graphs:
+            self._graphs.clear()
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def unet_latents(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

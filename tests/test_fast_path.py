@@ -79,6 +79,8 @@ def test_gpu_fast_paths_give_the_eager_faces_within_fp16_tolerance(tiny_models, 
         faces = fast.generate(latents, audio, StageTimer(), batch_size=8)
         assert fast.mode == mode
         _assert_same_faces(faces, eager.generate(latents, audio), max_level=3)
+    if mode == "graphs":
+        assert list(fast._graphs) == [8]  # the short batch ran in the batch-8 graph
 
 
 @cuda
@@ -122,3 +124,49 @@ def test_fast_mode_runs_a_short_last_batch_padded_instead_of_building_again(tiny
         assert faces.shape[0] == batch
         _assert_same_faces(faces, eager.generate(latents, audio), max_level=1)  # padding changes no real frame
     assert seen == {"unet": [8, 8, 8], "decoder": [8, 8, 8]} and gen.mode == "compiled"
+
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph (no GPU here): records captures, runs the eager UNet."""
+
+    captured: list[int] = []
+
+    def __init__(self, unet, batch_size, device, dtype):
+        self.unet, self.batch_size = unet, batch_size
+        _FakeGraph.captured.append(batch_size)
+
+    def __call__(self, latents, audio):
+        assert latents.shape[0] == self.batch_size
+        return self.unet(latents, torch.zeros(1, dtype=torch.long), encoder_hidden_states=audio).sample
+
+
+def test_graphs_are_kept_for_the_few_most_recent_batch_sizes_and_dropped_for_an_oom_retry(tiny_models, monkeypatch):
+    from musetalk_engine import render
+
+    monkeypatch.setattr(accel, "GraphedUNet", _FakeGraph)
+    monkeypatch.setattr(_FakeGraph, "captured", [])
+    gen = _generator(tiny_models, torch.device("cpu"), torch.float32, "eager")
+    gen.mode = "graphs"  # what a CUDA generator runs; the capture itself is faked
+    for size in (8, 4, 2, 8, 1, 4):
+        latents, audio = _inputs(size)
+        gen.generate(latents, audio, batch_size=size)
+    assert _FakeGraph.captured == [8, 4, 2, 1, 4] and render.MAX_GRAPHS == 3
+    assert list(gen._graphs) == [8, 1, 4]  # least recently used first: 4 made way for 1, then 2 for 4
+    gen.release_fast_paths()
+    assert not gen._graphs and gen.mode == "graphs"
+
+
+@cuda
+def test_device_path_on_the_gpu_renders_the_cpu_paths_video(tiny_models, media, tmp_path):
+    """The whole CUDA render (pinned buffers, events, I420 on the GPU, graphs) against the CPU engine."""
+    from musetalk_engine.engine import Engine, EngineConfig
+    from musetalk_engine.video import decode_frames
+
+    videos = {}
+    for device in ("cpu", "cuda"):
+        engine = Engine(EngineConfig(models_dir=tiny_models, device=device, cache_dir=tmp_path / device,
+                                     batch_size=4))
+        engine.warmup()
+        videos[device] = engine.render(media.video, media.short_speech, tmp_path / f"{device}.mp4").output
+    a, b = (np.stack(list(decode_frames(videos[d], 25.0))).astype(np.int16) for d in ("cpu", "cuda"))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 2.0  # fp16 vs fp32 faces, RGB vs I420 coding
