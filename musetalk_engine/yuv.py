@@ -22,13 +22,18 @@ def _bt601(device: torch.device) -> torch.Tensor:
                          [112.0, -93.786, -18.214]], device=device) / 255.0
 
 
-def rgb_to_i420(frames: torch.Tensor) -> torch.Tensor:
-    """[B,H,W,3] uint8 RGB → [B,H*3/2,W] uint8 I420 (yuv420p), on the frames' device."""
+def rgb_to_i420(frames: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """[B,H,W,3] uint8 RGB → [B,H*3/2,W] uint8 I420 (yuv420p), on the frames' device.
+
+    ``chunk`` frames at a time: the float working copies are 24 bytes per pixel (≈ 50 MB per 1080p
+    frame), which a whole batch of 64 would turn into gigabytes the batch size never accounted for."""
     b, h, w, _ = frames.shape
     out = torch.empty((b, *i420_shape(h, w)), dtype=torch.uint8, device=frames.device)
-    ycc = torch.einsum("bhwc,kc->bkhw", frames.float(), _bt601(frames.device))
-    out[:, :h] = ycc[:, 0].add_(16).round_().clamp_(0, 255)
-    chroma = F.avg_pool2d(ycc[:, 1:], 2).add_(128).round_().clamp_(0, 255).to(torch.uint8)  # [B,2,H/2,W/2]
-    # each chroma plane is (H/2)·(W/2) bytes laid out contiguously after the Y plane
-    out.view(b, -1)[:, h * w:] = chroma.reshape(b, -1)
+    for k in range(0, b, chunk):
+        part = out[k:k + chunk]
+        ycc = torch.einsum("bhwc,kc->bkhw", frames[k:k + chunk].float(), _bt601(frames.device))
+        part[:, :h] = ycc[:, 0].add_(16).round_().clamp_(0, 255)
+        chroma = F.avg_pool2d(ycc[:, 1:], 2).add_(128).round_().clamp_(0, 255).to(torch.uint8)  # [b,2,H/2,W/2]
+        # each chroma plane is (H/2)·(W/2) bytes laid out contiguously after the Y plane
+        part.view(part.shape[0], -1)[:, h * w:] = chroma.reshape(part.shape[0], -1)
     return out
