@@ -59,7 +59,7 @@ class BenchmarkConfig(BaseModel):
     modes: list[Mode] = Field(default_factory=list)  # empty: eager on CPU; eager + graphs on CUDA
     models_dir: Optional[Path] = None
     work_dir: Optional[Path] = None
-    batch_sizes: list[int] = Field(default_factory=list)  # empty: the profile's default sweep
+    batch_sizes: list[int] = Field(default_factory=list, max_length=16)  # empty: the profile's default sweep
     audio_seconds: float = Field(10.0, gt=0, le=600)
     video_seconds: float = Field(2.0, gt=0, le=60)
     width: int = Field(1280, ge=64, le=3840)
@@ -73,8 +73,8 @@ class BenchmarkConfig(BaseModel):
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
-        if any(b < 1 for b in value):
-            raise ValueError("batch sizes must be ≥ 1")
+        if any(b < 1 or b > 512 for b in value):
+            raise ValueError("batch sizes must be between 1 and 512")
         return sorted(set(value))
 
     def sweep(self) -> list[int]:

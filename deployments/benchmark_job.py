@@ -107,6 +107,10 @@ def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float,
         return JobOutcome(http_status=status, body=body)
     log.info("benchmark job: profile %s, batch sizes %s, modes %s", config.profile, config.sweep(),
              config.modes or "default")
+    if cuda:  # the child needs the memory this process's warm engine cached but is not using
+        import torch
+
+        torch.cuda.empty_cache()
     try:
         result = run_in_child(config, timeout_s)
     except TimeoutError as exc:

@@ -24,7 +24,7 @@ def unavailable(reason: str, message: str, job_id: str | None = None) -> JobOutc
 
 def timed_out(timeout: float, job_id: str | None) -> JobOutcome:
     return JobOutcome(http_status=500, body=failed_body(
-        f"the job did not finish within MUSETALK_JOB_TIMEOUT_SEC={timeout:g} s", stage="inference",
+        f"the job did not finish within its timeout of {timeout:g} s", stage="inference",
         details={"reason": "timeout", "timeout_sec": timeout}, job_id=job_id))
 
 

@@ -9,14 +9,15 @@ from musetalk_engine.errors import MediaError
 from musetalk_engine.framing import output_shape
 
 
-@pytest.mark.parametrize("face_x", [101, 333, 1151])
-def test_wide_source_to_portrait_crops_evenly_around_the_face(face_x):
-    boxes = np.array([[face_x, 201, face_x + 121, 341]])
+@pytest.mark.parametrize("face_x, face_w, expected_x", [(101, 121, 0), (333, 120, 190), (334, 121, 192),
+                                                        (1151, 121, 876)])
+def test_wide_source_to_portrait_crops_evenly_around_the_face(face_x, face_w, expected_x):
+    boxes = np.array([[face_x, 201, face_x + face_w, 341]])
     shape = output_shape("9:16", "720p", 1280, 720, boxes)
     x, y, w, h = shape.crop
     assert (w, h) == (404, 720) and y == 0
-    assert x % 2 == 0 and 0 <= x <= 1280 - w  # even: a 4:2:0 input is cut on the same pixels
-    assert x <= face_x and face_x + 121 <= x + w + 1  # the face stays in (within the one-pixel rounding)
+    assert x == expected_x  # centred on the face, then down to an even pixel (191 → 190 for the second)
+    assert x <= face_x and face_x + face_w <= x + w + 1  # the face stays in (within the one-pixel rounding)
     assert shape.size == (720, 1280)
 
 
