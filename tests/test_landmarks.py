@@ -281,3 +281,23 @@ def test_mmpose_backend_loads(tmp_path):
 
     lm = DWPoseMMPose(pth).face_landmarks(_noise(256, 256, 0))
     assert lm.shape == (68, 2)
+
+
+def test_full_random_models_find_a_plausible_face_in_every_benchmark_frame(tmp_path):
+    """Full-size random models (GPU benchmarks) use the ONNX DWPose backend with random weights: every
+    frame of the benchmark's 720p clip must still get a face box of plausible size, or the benchmark
+    would fail with no face."""
+    from musetalk_engine.facebox import face_box
+    from musetalk_engine.sample_media import make_avatar_video
+    from musetalk_engine.tiny import RANDOM_MODEL_LANDMARKS
+    from musetalk_engine.video import decode_frames
+
+    backend = RANDOM_MODEL_LANDMARKS["full"]
+    analyzer = build_analyzer(_models_dir(tmp_path), backend=backend)
+    clip = make_avatar_video(tmp_path / "bench.mp4", seconds=0.4, width=1280, height=720)
+    frames = list(decode_frames(clip, 25.0))
+    for obs in analyzer.analyze(frames):
+        assert obs is not None
+        x0, y0, x1, y1 = face_box(obs.landmarks, obs.detector_box, (1280, 720))
+        assert 0 <= x0 < x1 <= 1280 and 0 <= y0 < y1 <= 720
+        assert 1280 / 10 < x1 - x0 < 1280 / 2 and 720 / 10 < y1 - y0 < 720 / 2
