@@ -161,6 +161,7 @@ def test_device_path_on_the_gpu_renders_the_cpu_paths_video(tiny_models, media, 
     """The whole CUDA render (pinned buffers, events, I420 on the GPU, graphs) against the CPU engine."""
     from musetalk_engine.engine import Engine, EngineConfig
     from musetalk_engine.video import decode_frames
+    from tests.media import read_markers
 
     videos = {}
     for device in ("cpu", "cuda"):
@@ -169,4 +170,6 @@ def test_device_path_on_the_gpu_renders_the_cpu_paths_video(tiny_models, media, 
         engine.warmup()
         videos[device] = engine.render(media.video, media.short_speech, tmp_path / f"{device}.mp4").output
     a, b = (np.stack(list(decode_frames(videos[d], 25.0))).astype(np.int16) for d in ("cpu", "cuda"))
-    assert a.shape == b.shape and np.abs(a - b).mean() < 2.0  # fp16 vs fp32 faces, RGB vs I420 coding
+    assert read_markers(videos["cuda"]) == read_markers(videos["cpu"]) == list(range(10))  # order, no tearing
+    # random tiny weights at fp16 vs fp32 give different faces; torn or misplaced frames differ far more
+    assert a.shape == b.shape and np.abs(a - b).mean() < 8
