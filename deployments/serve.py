@@ -12,8 +12,9 @@ Threads, and why each exists:
 * uvicorn's event loop: HTTP only. It never renders, so ``/hc`` answers while a job runs.
 * ``engine-loader``: loads and warms the engine and Prefect's API at start-up, then ends; ``/hc`` is 503
   until it has finished (the old worker answered ``/hc`` before the models were loaded).
-* ``render``: the single render thread (one GPU). Jobs from HTTP and from the buffer loop share its FIFO
-  queue, so two jobs never render at once; at most ``MUSETALK_MAX_QUEUED`` wait, more get 503 (retryable).
+* ``render``: the single render thread (one GPU, :mod:`deployments.render_queue`). Jobs from HTTP (renders
+  and benchmarks) and from the buffer loop share its FIFO queue, so two never use the GPU at once; at most
+  ``MUSETALK_MAX_QUEUED`` wait, more get 503 (retryable).
 * buffer mode: ``buffer-heartbeat`` and ``buffer-claim`` (:mod:`deployments.buffer`).
 
 Per-job timeout: the flow runs with Prefect's ``timeout_seconds = MUSETALK_JOB_TIMEOUT_SEC`` (Prefect raises
