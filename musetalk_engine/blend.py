@@ -85,6 +85,24 @@ def prepare_blend_material(frames: Sequence[np.ndarray], face_boxes: Sequence[Se
             for m, b, c in zip(parse_masks, face_boxes, crop_boxes)]
 
 
+def blend_region(face_box: Sequence[int], crop_box: Sequence[int], mask: np.ndarray, width: int,
+                 height: int) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """Where a face is pasted: face box ∩ crop ∩ frame, less the rows where the crop-size ``mask`` is fully
+    transparent (the crop's upper part always is), and the uint8 alpha there; None when nothing changes.
+    Both blends (numpy here, tensors in :mod:`musetalk_engine.device_blend`) paste exactly here."""
+    cx0, cy0 = int(crop_box[0]), int(crop_box[1])
+    region = _intersect(tuple(int(v) for v in face_box), tuple(int(v) for v in crop_box))
+    region = region and _intersect(region, (0, 0, width, height))
+    if region is None:
+        return None
+    rx0, ry0, rx1, ry1 = region
+    alpha = mask[ry0 - cy0:ry1 - cy0, rx0 - cx0:rx1 - cx0]
+    rows = np.flatnonzero(alpha.any(axis=1))
+    if rows.size == 0:
+        return None
+    return (rx0, ry0 + int(rows[0]), rx1, ry0 + int(rows[-1]) + 1), alpha[rows[0]:rows[-1] + 1]
+
+
 def paste_face(frame: np.ndarray, face: np.ndarray, face_box: Sequence[int], mask: np.ndarray,
                crop_box: Sequence[int]) -> None:
     """Composite a generated face into ``frame`` in place with the crop-size alpha ``mask``.
@@ -103,18 +121,11 @@ def paste_face(frame: np.ndarray, face: np.ndarray, face_box: Sequence[int], mas
     if frame.ndim != 3 or frame.dtype != np.uint8 or face.shape[2:] != frame.shape[2:]:
         raise ValueError(f"frame {frame.dtype} {frame.shape} and face {face.dtype} {face.shape} must be H×W×C uint8")
     h, w = frame.shape[:2]
-    region = _intersect((x0, y0, x1, y1), (cx0, cy0, cx1, cy1))
-    region = region and _intersect(region, (0, 0, w, h))
-    if region is None:
+    found = blend_region(face_box, crop_box, mask, w, h)
+    if found is None:
         return
-    rx0, ry0, rx1, ry1 = region
-    alpha = mask[ry0 - cy0:ry1 - cy0, rx0 - cx0:rx1 - cx0]
-    # The upper part of the crop is always transparent: skip rows that cannot change.
-    rows = np.flatnonzero(alpha.any(axis=1))
-    if rows.size == 0:
-        return
-    ry0, ry1 = ry0 + int(rows[0]), ry0 + int(rows[-1]) + 1
-    alpha = alpha[rows[0]:rows[-1] + 1].astype(np.float32) * (1.0 / 255.0)
+    (rx0, ry0, rx1, ry1), alpha = found
+    alpha = alpha.astype(np.float32) * (1.0 / 255.0)
     if face.shape[:2] != (y1 - y0, x1 - x0):
         face = cv2.resize(face, (x1 - x0, y1 - y0))
     src = np.ascontiguousarray(face[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0])

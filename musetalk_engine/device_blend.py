@@ -9,35 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from .avatar import Avatar
+from .blend import blend_region
 
 
 class DeviceBlendMaterial:
-    """An avatar's blend regions on the device: per frame the face box ∩ crop ∩ frame, and the alpha there
-    (rows that are fully transparent trimmed away, as the CPU path does)."""
+    """An avatar's blend regions on the device: per frame :func:`~musetalk_engine.blend.blend_region` (face
+    box ∩ crop ∩ frame, fully transparent rows trimmed away) and the alpha there; None for frames without
+    a face or with nothing to paste."""
 
     def __init__(self, avatar: Avatar, device: torch.device):
         self.regions: list[tuple[int, int, int, int] | None] = []
         self.alphas: list[torch.Tensor | None] = []
         for i in range(avatar.n_frames):
-            region, alpha = _region_alpha(avatar, i)
-            self.regions.append(region)
-            self.alphas.append(None if alpha is None else
-                               torch.from_numpy(alpha).to(device).float().div_(255).unsqueeze(-1))
-
-
-def _region_alpha(avatar: Avatar, i: int):
-    x0, y0, x1, y1 = (int(v) for v in avatar.boxes[i])
-    cx0, cy0, cx1, cy1 = (int(v) for v in avatar.crop_boxes[i])
-    rx0, ry0 = max(x0, cx0, 0), max(y0, cy0, 0)
-    rx1, ry1 = min(x1, cx1, avatar.width), min(y1, cy1, avatar.height)
-    if rx1 <= rx0 or ry1 <= ry0:
-        return None, None
-    alpha = avatar.masks[i][ry0 - cy0:ry1 - cy0, rx0 - cx0:rx1 - cx0]
-    rows = np.flatnonzero(alpha.any(axis=1))
-    if rows.size == 0:
-        return None, None
-    ry0, ry1 = ry0 + int(rows[0]), ry0 + int(rows[-1]) + 1
-    return (rx0, ry0, rx1, ry1), np.ascontiguousarray(alpha[rows[0]:rows[-1] + 1])
+            found = None
+            if avatar.face_found[i]:  # frames without a face pass through untouched
+                found = blend_region(avatar.boxes[i], avatar.crop_boxes[i], avatar.masks[i], avatar.width,
+                                     avatar.height)
+            self.regions.append(None if found is None else found[0])
+            self.alphas.append(None if found is None else
+                               torch.from_numpy(np.ascontiguousarray(found[1])).to(device).float().div_(255)
+                               .unsqueeze(-1))
 
 
 def paste_faces(frames: torch.Tensor, faces: torch.Tensor, indices, avatar: Avatar,
@@ -47,7 +38,7 @@ def paste_faces(frames: torch.Tensor, faces: torch.Tensor, indices, avatar: Avat
     for j, i in enumerate(indices):
         i = int(i)
         region = material.regions[i]
-        if region is None or not avatar.face_found[i]:
+        if region is None:
             continue
         x0, y0, x1, y1 = (int(v) for v in avatar.boxes[i])
         rx0, ry0, rx1, ry1 = region
