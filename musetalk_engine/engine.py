@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -23,9 +24,9 @@ from . import audio as audio_mod
 from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
 from .errors import MediaError
 from .metrics import PeakVram, RenderMetrics, StageTimer, gpu_info, peak_rss_kb
-from .pipeline import render_stream, render_stream_device
+from .pipeline import render_stream, render_stream_device, source_frames
 from .render import FaceGenerator
-from .video import OutputShape, VideoWriter, decode_frames, probe_video
+from .video import OutputShape, VideoWriter, decode_frames
 from .weights import ModelPaths, check_models, load_unet, load_vae, load_whisper, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -213,9 +214,7 @@ class Engine:
                 if windows is None:
                     with timer.stage("audio"):
                         windows = self.audio_windows(audio, params.fps)
-                info = probe_video(video)
-                device_frames = self._frames_on_device(video, avatar, info, timer) \
-                    if self.blend_on == "device" else None
+                device_frames = self._frames_on_device(video, avatar, timer) if self.blend_on == "device" else None
                 gen_start = time.perf_counter()
                 # the device path hands the encoder I420 made on the GPU (4:2:0 needs even sides)
                 yuv = device_frames is not None and avatar.width % 2 == 0 and avatar.height % 2 == 0
@@ -228,7 +227,7 @@ class Engine:
                                                      windows=windows, generator=self.generator, writer=writer,
                                                      batch_size=batch, timer=timer, on_progress=on_progress)
                     else:
-                        batch = render_stream(avatar=avatar, frames=decode_frames(video, avatar.fps, info),
+                        batch = render_stream(avatar=avatar, frames=decode_frames(video, avatar.fps),
                                               windows=windows, generator=self.generator, writer=writer,
                                               batch_size=batch, timer=timer, on_progress=on_progress)
                     with timer.stage("encode"):
@@ -246,7 +245,7 @@ class Engine:
                 dtype=str(self.dtype).replace("torch.", ""))
             return RenderResult(out, metrics.frames, metrics.frames / avatar.fps, metrics)
 
-    def _frames_on_device(self, video: Path, avatar: Avatar, info, timer: StageTimer):
+    def _frames_on_device(self, video: Path, avatar: Avatar, timer: StageTimer):
         """Source frames (decoded once per avatar) and blend material on the model's device, or None when
         they would take more than a quarter of the free memory (then the streamed CPU path runs)."""
         from .device_blend import DeviceBlendMaterial
@@ -258,13 +257,13 @@ class Engine:
         need = avatar.n_frames * avatar.width * avatar.height * 3
         if self.device.type == "cuda" and need > torch.cuda.mem_get_info(self.device)[0] // 4:
             return None
+        n = avatar.n_frames
+        host = np.empty((n, avatar.height, avatar.width, 3), np.uint8)  # one copy of the decoded frames
+        # the first n frames in order, by the streamed path's own rules (a stream one short repeats its last)
+        for k, frame in enumerate(source_frames(decode_frames(video, avatar.fps), np.arange(n), n, timer)):
+            host[k] = frame
         with timer.stage("decode"):
-            frames = torch.stack([torch.from_numpy(f.copy()) for f in decode_frames(video, avatar.fps, info)])
-            frames = frames[:avatar.n_frames].to(self.device)
-            if frames.shape[0] < avatar.n_frames:  # a stream one frame short repeats its last
-                pad = frames[-1:].expand(avatar.n_frames - frames.shape[0], -1, -1, -1)
-                frames = torch.cat([frames, pad])
-            entry = (frames, DeviceBlendMaterial(avatar, self.device))
+            entry = (torch.from_numpy(host).to(self.device), DeviceBlendMaterial(avatar, self.device))
         self._device_frames[key] = entry
         while len(self._device_frames) > 2:  # the current avatar and the one before are enough
             self._device_frames.popitem(last=False)
