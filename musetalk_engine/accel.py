@@ -9,11 +9,7 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 MODES = ("eager", "graphs", "compiled")
 
@@ -21,11 +17,13 @@ MODES = ("eager", "graphs", "compiled")
 class GraphedUNet:
     """The UNet at timestep 0 replayed from a CUDA graph with static input/output buffers."""
 
-    def __init__(self, unet, batch_size: int, device: torch.device, dtype: torch.dtype, warmup: int = 3):
+    def __init__(self, unet, batch_size: int, t0: torch.Tensor, dtype: torch.dtype, warmup: int = 3):
+        """``t0``: the generator's timestep-0 tensor, on the device the graph runs on."""
+        device = t0.device
         self.batch_size = batch_size
         self.latents = torch.zeros(batch_size, 8, 32, 32, device=device, dtype=dtype)
         self.audio = torch.zeros(batch_size, 50, 384, device=device, dtype=dtype)
-        self.t0 = torch.zeros(1, device=device, dtype=torch.long)
+        self.t0 = t0
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -39,13 +37,14 @@ class GraphedUNet:
             self.out = unet(self.latents, self.t0, encoder_hidden_states=self.audio).sample
 
     def __call__(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        n = latents.shape[0]
-        self.latents[:n].copy_(latents)
-        self.audio[:n].copy_(audio)
+        """A full batch (``FaceGenerator.generate`` pads a short one) → the UNet's output, copied out of
+        the graph's buffer before the next replay overwrites it."""
+        self.latents.copy_(latents)
+        self.audio.copy_(audio)
         self.graph.replay()
-        return self.out[:n].clone()
+        return self.out.clone()
 
 
 def compile_module(module, mode: str):
-    """``torch.compile`` with a clear log line; the caller keeps the eager module to fall back on."""
+    """``torch.compile`` of ``module`` (static shapes); the caller keeps the eager module to fall back on."""
     return torch.compile(module, mode=mode, fullgraph=False, dynamic=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -50,22 +51,25 @@ class FaceGenerator:
         self._graphs.clear()
         self._unet_fast = self._decoder_fast = None
 
+    def _attempt(self, what: str, fast: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``fast()``, or None once it failed and the generator fell back to eager for good. An OOM is
+        raised as it is: it is the batch's failure, which the caller retries at half the batch."""
+        try:
+            return fast()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a fast path must never fail a job
+            self._fallback(what, exc)
+            return None
+
     def _run_unet(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        out = None
         if self.mode == "graphs":
-            try:
-                return self._graph_for(latents.shape[0])(latents, audio)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001 — capture problems must not fail the job
-                self._fallback("CUDA graph capture", exc)
-        if self.mode == "compiled" and self._unet_fast is not None:
-            try:
-                return self._unet_fast(latents, self._t0, encoder_hidden_states=audio).sample
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                self._fallback("compiled UNet", exc)
-        return self.unet(latents, self._t0, encoder_hidden_states=audio).sample
+            out = self._attempt("CUDA graph capture", lambda: self._graph_for(latents.shape[0])(latents, audio))
+        elif self.mode == "compiled" and self._unet_fast is not None:
+            out = self._attempt("compiled UNet",
+                                lambda: self._unet_fast(latents, self._t0, encoder_hidden_states=audio).sample)
+        return out if out is not None else self.unet(latents, self._t0, encoder_hidden_states=audio).sample
 
     def _graph_for(self, batch: int):
         """The graph for this batch size, captured on first use. Each graph keeps its own memory pool, so
@@ -78,7 +82,7 @@ class FaceGenerator:
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
             torch.cuda.empty_cache()
-        graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self.device, self.dtype)
+        graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self._t0, self.dtype)
         return graph
 
     def release_fast_paths(self) -> None:
@@ -99,13 +103,8 @@ class FaceGenerator:
         """Face latents → [B,256,256,3] uint8 RGB on the model's device."""
         image = None
         if self._decoder_fast is not None:
-            try:
-                z = self.vae.post_quant_conv(latents / VAE_SCALING_FACTOR)
-                image = self._decoder_fast(z)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                self._fallback("compiled VAE decoder", exc)
+            image = self._attempt("compiled VAE decoder", lambda: self._decoder_fast(
+                self.vae.post_quant_conv(latents / VAE_SCALING_FACTOR)))
         if image is None:
             image = self.vae.decode(latents / VAE_SCALING_FACTOR).sample
         image = (image.float() / 2 + 0.5).clamp_(0, 1).mul_(255).round_()
