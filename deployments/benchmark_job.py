@@ -29,7 +29,7 @@ from benchmarks.run import BenchmarkConfig
 from deployments.outcomes import failed_body
 from flows.generate import JobOutcome
 from musetalk_engine.errors import MediaError
-from tasks.job import failure_body
+from tasks.job import describe_errors, failure_body
 from tasks.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def benchmark_config(request: dict[str, Any], settings: Settings, *, cuda: bool)
     try:
         return BenchmarkConfig.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise MediaError(f"invalid benchmark request: {problems}", stage="validation") from None
+        raise MediaError(f"invalid benchmark request: {describe_errors(exc.errors())}", stage="validation") from None
 
 
 def run_in_child(config: BenchmarkConfig, timeout_s: float) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from deployments.outcomes import outcome_from_state, timed_out, unavailable
 from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
 from flows.generate import JobOutcome, generate
 from musetalk_engine.errors import STAGES, MediaError
-from tasks.job import JobRequest, failure_body
+from tasks.job import JobRequest, describe_errors, failure_body, progress_error
 from tasks.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,10 @@ class WorkerService:
 
     def _progress_failed(self, job_id: str, body: dict[str, Any]) -> None:
         """Tell the orchestrator the job failed when the flow could not (timeout, crash); best effort."""
-        from tasks.progress import OrchestratorClient
+        from tasks.progress import ProgressReporter
 
-        client = OrchestratorClient.from_settings(self.settings)
-        if client is None or not client.base_url:
-            return
-        with client:
-            client.progress(job_id, "failed", 0.0, "failed", error={
-                "type": body["error_type"], "message": body["error_message"], "stage": body["stage"]})
+        with ProgressReporter.from_settings(job_id, self.settings) as reporter:
+            reporter.fail(progress_error(body))
 
     # --- waiting for a job from async code
 
@@ -414,13 +410,9 @@ def _response(outcome: JobOutcome) -> JSONResponse:
 
 
 def _validation_message(exc: RequestValidationError) -> str:
-    problems = []
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return "invalid job request: the body is not valid JSON"
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-    return "invalid job request: " + "; ".join(problems)
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        return "invalid job request: the body is not valid JSON"
+    return "invalid job request: " + describe_errors(exc.errors())
 
 
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,

@@ -24,7 +24,7 @@ from musetalk_engine import MODEL_VERSION
 from musetalk_engine.avatar import file_sha256
 from tasks.engine import get_engine
 from tasks.fetch import fetch_input, validate_input
-from tasks.job import JobRequest, failure_body
+from tasks.job import JobRequest, failure_body, progress_error
 from tasks.media import audio_features, prepare_avatar, render, result_storage
 from tasks.progress import ProgressReporter
 from tasks.settings import get_settings
@@ -154,7 +154,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
     except Exception as exc:  # every failure becomes the contract's body; nothing escapes as a crash
         status, body = failure_body(exc, dict(stages.times), stages.current)
         body["musetalk_job_id"] = job_id or None
-        reporter.fail({"type": body["error_type"], "message": body["error_message"], "stage": body["stage"]})
+        reporter.fail(progress_error(body))
         logger.warning("job %s failed at %s: %s", job_id, body["stage"], body["error_message"])
         return JobOutcome(http_status=status, body=body)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,11 +50,21 @@ class JobRequest(BaseModel):
         try:
             job = cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                                 for e in exc.errors())
-            raise MediaError(f"invalid job request: {problems}", stage="validation") from None
+            raise MediaError(f"invalid job request: {describe_errors(exc.errors())}", stage="validation") from None
         validate_framing(job.aspect_ratio, job.resolution)
         return job
+
+
+def describe_errors(errors: Iterable[Mapping[str, Any]]) -> str:
+    """pydantic's validation errors as one line, ``field.path: message; …`` (a request's body itself is
+    ``body``), for the 422 that names what was wrong."""
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                     for e in errors)
+
+
+def progress_error(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``error`` the orchestrator's progress endpoint takes, from a failure body."""
+    return {"type": body["error_type"], "message": body["error_message"], "stage": body["stage"]}
 
 
 def disk_full(exc: BaseException) -> bool:
