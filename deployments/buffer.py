@@ -26,6 +26,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Protocol
 
+from deployments.outcomes import failed_body
 from tasks.progress import OrchestratorClient
 from tasks.settings import Settings, redact
 
@@ -83,13 +84,13 @@ class BufferLoop:
                  ready: Callable[[], bool], busy: Callable[[], bool],
                  gpu_class: Callable[[], str | None] = lambda: None,
                  load_error: Callable[[], str | None] = lambda: None,
-                 job_timeout: float = 1800.0, stuck_grace: float = 60.0):
+                 stuck: Callable[[], bool] = lambda: False):
         self.client = client
         self.interval = float(interval)
         self.capacity = int(capacity)
         self._submit, self._ready, self._busy = submit, ready, busy
         self._gpu_class, self._load_error = gpu_class, load_error
-        self.job_timeout, self.stuck_grace = job_timeout, stuck_grace
+        self._stuck = stuck
         self.errors = _Errors()
         self._stop_claims = threading.Event()
         self._stop_all = threading.Event()
@@ -110,8 +111,7 @@ class BufferLoop:
         return cls(client, interval=settings.buffer_poll_interval_sec, capacity=settings.buffer_capacity,
                    submit=service.queue.submit, ready=lambda: service.ready and not service.draining,
                    busy=lambda: service.queue.busy, gpu_class=lambda: service.gpu_class,
-                   load_error=lambda: service.load_error, job_timeout=service.job_timeout,
-                   stuck_grace=service.options.musetalk_stuck_grace_sec)
+                   load_error=lambda: service.load_error, stuck=service.stuck)
 
     # --- lifecycle
 
@@ -219,12 +219,11 @@ class BufferLoop:
             except Exception as exc:  # noqa: BLE001 — cancelled by the shutdown before it started
                 log.warning("buffer job %s ended without an outcome: %r", buffer_job_id, exc)
                 return None
-            started = ticket.started
-            if started is not None and time.monotonic() - started > self.job_timeout + self.stuck_grace:
+            # started: it is the render thread's current job, the one the service's stuck() measures
+            if ticket.started is not None and self._stuck():
                 self._note(f"buffer job {buffer_job_id}", RuntimeError("render stuck past its timeout"))
-                self.report(buffer_job_id, 500, {
-                    "error_type": "processing_error", "stage": "inference", "retryable": True,
-                    "error_message": "the render is stuck past MUSETALK_JOB_TIMEOUT_SEC", "details": {}})
+                self.report(buffer_job_id, 500, failed_body("the render is stuck past MUSETALK_JOB_TIMEOUT_SEC",
+                                                            stage="inference"))
                 return None
 
     def report(self, buffer_job_id: str, http_status: int, body: dict[str, Any]) -> bool:
@@ -235,8 +234,7 @@ class BufferLoop:
                                       "metrics": body.get("metrics")}
         else:
             if http_status == 200:  # never report success without the file's location
-                body = {"error_type": "processing_error", "stage": "upload", "retryable": True,
-                        "error_message": "the job finished without an output_url", "details": {}}
+                body = failed_body("the job finished without an output_url", stage="upload")
             error = {k: body.get(k) for k in ("error_type", "error_message", "stage", "retryable", "details")}
             kwargs = {"status": "failed", "error": error,
                       "metrics": {"stage_times": body.get("stage_times", {})}}

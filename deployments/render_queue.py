@@ -56,7 +56,6 @@ class Ticket:
     run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None  # None: the queue's own
     timeout: float | None = None  # how long it may run; None: the worker's job timeout
     future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
 
     @property
