@@ -44,11 +44,6 @@ CHART_KEY = "gpu-benchmark-chart"
 DEFAULT_DEPLOYMENT = "benchmark/gpu-benchmark"
 _SALAD_FINAL = {"succeeded", "failed", "cancelled"}
 
-# Flow parameters that configure the measurement itself (passed on unchanged to children).
-_MEASURE_KEYS = ("batch_sizes", "modes", "audio_seconds", "video_seconds", "width", "height", "models_dir",
-                 "work_dir", "device", "torch_threads", "repeats")
-
-
 def queue_for(class_id: str, prefix: str = "gpu-") -> str:
     """The work queue of a GPU class: `gpu-ed563892` for class id `ed563892-…`."""
     return f"{prefix}{class_id[:8]}"
@@ -192,7 +187,9 @@ def benchmark(
     Returns {"results": [BenchmarkResult JSON, …], "failed": {class id: error}, "table": rows}.
     """
     logger = get_run_logger()
-    measure = {k: v for k, v in locals().items() if k in _MEASURE_KEYS}
+    # the flow's parameters that configure the measurement itself, passed on unchanged to children
+    # (profile and gpu_class are set per branch below)
+    measure = {k: v for k, v in locals().items() if k in BenchmarkConfig.model_fields}
     measure["batch_sizes"] = measure["batch_sizes"] or []
     measure["modes"] = measure["modes"] or []
     results: list[tuple[Optional[str], dict[str, Any]]] = []
