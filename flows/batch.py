@@ -36,6 +36,7 @@ from flows.generate import JobOutcome, run_job
 from tasks.engine import get_engine
 from tasks.fetch import display_url
 from tasks.job import failure_body
+from tasks.storage import atomic_write
 from tasks.settings import get_settings
 
 ARTIFACT_KEY = "musetalk-batch"
@@ -300,9 +301,7 @@ def write_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     frame = pd.DataFrame(list(rows), columns=list(COLUMNS))
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
-    tmp = path.with_suffix(".csv.part")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
     return path
 
 

@@ -50,6 +50,7 @@ from pydantic import BaseModel
 from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
 from musetalk_engine.video import display_rotation
 from tasks.settings import Settings, get_settings
+from tasks.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +237,10 @@ def _copy_local(src: Path, dest: Path, kind: str, settings: Settings) -> Path:
         raise _too_large(kind, settings, str(src))
     with src.open("rb") as fh:
         _refuse_non_media(fh.read(SNIFF_BYTES), kind, str(src))
-    tmp = _temp_name(dest)
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
     except OSError as exc:
         raise ProcessingError(f"could not copy the {kind} file: {exc.strerror}", stage="download") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

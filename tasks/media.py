@@ -22,6 +22,7 @@ from musetalk_engine.framing import output_shape
 
 from .engine import get_engine
 from .settings import get_settings
+from .storage import atomic_write
 
 
 def cache_root() -> Path:
@@ -63,10 +64,8 @@ def audio_features(audio: Path, audio_sha256: str) -> dict[str, Any]:
     path = audio_states_path(audio_sha256)
     states, n_samples = get_engine().encode_audio(audio, get_settings().musetalk_max_audio_sec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"states": states.to("cpu", torch.float16).contiguous(),
-               "n_samples": torch.tensor([n_samples])}, str(tmp))
-    tmp.replace(path)
+    tensors = {"states": states.to("cpu", torch.float16).contiguous(), "n_samples": torch.tensor([n_samples])}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # the cache may be shared by workers
     return {"path": str(path), "n_samples": n_samples, "steps": int(states.shape[0])}
 
 

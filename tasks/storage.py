@@ -290,6 +290,17 @@ class B2Storage:
 # --------------------------------------------------------------------------------------------- local
 
 
+def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a unique temp name beside ``dest``, then rename it into place: readers (and other
+    workers sharing the directory) never see half a file, and two writers never share a temp file."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class LocalStorage:
     """Results in a directory, same layout as B2; files appear atomically (temp name + ``os.replace``)."""
 
@@ -309,15 +320,6 @@ class LocalStorage:
         url = (self.root / video_key).resolve().as_uri()
         return StoredResult(self.bucket, video_key, url, sidecar_key)
 
-    @staticmethod
-    def _atomic(dest: Path, write: Callable[[Path], None]) -> None:
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            write(tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-
     def put(self, job_id: str, video_path: Path, sidecar: dict[str, Any]) -> StoredResult:
         """Copy the video, then write the sidecar; ProcessingError(stage upload) on disk errors."""
         video_key, sidecar_key = self.keys(job_id)
@@ -326,8 +328,8 @@ class LocalStorage:
         video_dest, sidecar_dest = self.root / video_key, self.root / sidecar_key
         try:
             video_dest.parent.mkdir(parents=True, exist_ok=True)
-            self._atomic(video_dest, lambda tmp: shutil.copyfile(path, tmp))
-            self._atomic(sidecar_dest, lambda tmp: tmp.write_bytes(body))
+            atomic_write(video_dest, lambda tmp: shutil.copyfile(path, tmp))
+            atomic_write(sidecar_dest, lambda tmp: tmp.write_bytes(body))
         except OSError as exc:
             raise ProcessingError(f"could not store the result locally: {exc.strerror or exc}",
                                   stage="upload", retryable=True) from exc
