@@ -244,7 +244,7 @@ class WorkerService:
     def _sweep_workspaces(self) -> None:
         """Remove job workspaces a killed predecessor left behind (SIGKILL skips every cleanup); no job
         of this process has started yet, and one serve process owns its work dir."""
-        work = self.settings.resolve(self.settings.musetalk_workdir) / "tmp"
+        work = self.settings.job_work_root
         for directory in work.glob("job-*"):
             if directory.is_dir():
                 shutil.rmtree(directory, ignore_errors=True)

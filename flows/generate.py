@@ -88,7 +88,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
             job = JobRequest.parse(job_data)
             safe_id = safe_job_id(job.musetalk_job_id)
         reporter.update("preparing", 0.0)
-        work = Path(settings.resolve(settings.musetalk_workdir) / "tmp")
+        work = settings.job_work_root
         work.mkdir(parents=True, exist_ok=True)
         if remove_stale_workspaces(work, safe_id):
             logger.warning("job %s: removed the workspace of an earlier, interrupted run", job.musetalk_job_id)

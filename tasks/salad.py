@@ -24,6 +24,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
+from tasks.settings import redact
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.salad.com/api/public"
@@ -165,10 +167,6 @@ class SaladClient:
         segs = ["organizations", self.org, "projects", self.project, *parts]
         return "/" + "/".join(quote(str(s), safe="") for s in segs)
 
-    def _redact(self, text: str) -> str:
-        key = self._key.get_secret_value()
-        return text.replace(key, "***") if key else text
-
     def _delay(self, attempt: int, response: Optional[httpx.Response]) -> float:
         delay = self.backoff_s * (2 ** (attempt - 1))
         if response is not None:
@@ -211,7 +209,7 @@ class SaladClient:
             may_retry = resp.status_code == 429 or (idempotent and resp.status_code in _RETRY_STATUSES)
             log.warning("Salad API %s %s -> %d (attempt %d)", method, path, resp.status_code, attempt)
             if last or not may_retry:
-                excerpt = self._redact(" ".join(resp.text.split()))[:_EXCERPT]
+                excerpt = redact(" ".join(resp.text.split()), [self._key.get_secret_value()])[:_EXCERPT]
                 raise SaladApiError(method, path, resp.status_code, excerpt)
             time.sleep(self._delay(attempt, resp))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         """Directory of local result storage: ``{MUSETALK_WORKDIR}/{MUSETALK_RESULT_DIR}``."""
         return self.resolve(self.musetalk_result_dir)
 
+    @property
+    def job_work_root(self) -> Path:
+        """Where each job's temporary workspace lives (``job-*`` folders, swept at a worker's start)."""
+        return self.resolve(self.musetalk_workdir) / "tmp"
+
     def resolve(self, path: Path | str) -> Path:
         """An absolute path: relative paths are taken relative to ``MUSETALK_WORKDIR``."""
         path = Path(path).expanduser()
