@@ -51,8 +51,7 @@ def worker_env(mp, work: Path, models: Path, **extra: str) -> None:
         mp.delenv(name, raising=False)
     values = {"MUSETALK_WORKDIR": str(work), "MUSETALK_MODELS_DIR": str(models),
               "MUSETALK_CACHE_DIR": str(work / "cache"), "MUSETALK_ALLOW_PRIVATE_URLS": "true",
-              "MUSETALK_DOWNLOAD_RETRY_BASE_SEC": "0.05", "MUSETALK_DOWNLOAD_TIMEOUT_SEC": "60",
-              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **extra}
+              "MUSETALK_DOWNLOAD_RETRY_BASE_SEC": "0.05", "MUSETALK_DOWNLOAD_TIMEOUT_SEC": "60", **extra}
     for name, value in values.items():
         mp.setenv(name, value)
     get_settings.cache_clear()
@@ -458,22 +457,6 @@ def b2_read(raw: Any, bucket: str, name: str) -> bytes:
 # ------------------------------------------------------------------------------------------ flow
 
 
-def start_prefect(timeout: int = 180) -> str:
-    """The Prefect API URL, starting the temporary server now with a generous timeout when none is set.
-
-    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` set by a fixture comes too late (Prefect reads
-    its settings at import, during collection); on this busy box the default 20 s ran out."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return str(PREFECT_API_URL.value())
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=timeout)
-    return server.api_url
-
-
 # Per-job fault injection for :func:`run_jobs`, by name (flow parameters must stay plain data):
 # a test module registers context-manager factories here; a case's "hook" names one.
 HOOKS: dict[str, Callable[[], Any]] = {}
@@ -508,7 +491,3 @@ def run_jobs(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results.append({"name": case["name"], "http_status": outcome.http_status, "body": outcome.body,
                         "wall_s": round(time.perf_counter() - started, 2)})
     return results
-
-
-def files_under(root: Path) -> set[Path]:
-    return {p for p in Path(root).rglob("*") if p.is_file()}

@@ -138,17 +138,12 @@ def clip(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_models):
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     from tasks.settings import get_settings
 
     work = tmp_path_factory.mktemp("batch-work")
     mp = pytest.MonkeyPatch()
     worker_env(mp, work, tiny_models, MUSETALK_ALLOW_LOCAL_FILES="true")
-    # Prefect reads its settings at import (collection time): a later env change would be ignored.
-    # The temporary server's default 20 s start budget ran out once on these busy CPUs.
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
-        yield work
+    yield work
     mp.undo()
     get_settings.cache_clear()
 

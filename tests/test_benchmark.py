@@ -7,27 +7,22 @@ module stays within a few minutes on a busy 2-core CPU."""
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
-# Before Prefect is imported: the temporary server's default start timeout (20 s) failed once under load.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+import httpx
+import jsonschema
+import pytest
+from PIL import Image
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-import jsonschema  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks.flow import benchmark, queue_for  # noqa: E402
-from benchmarks.run import floor_command  # noqa: E402
-from benchmarks.schema import BenchmarkResult, json_schema  # noqa: E402
-from tasks.salad import SaladClient  # noqa: E402
+from benchmarks.flow import benchmark, queue_for
+from benchmarks.run import floor_command
+from benchmarks.schema import BenchmarkResult, json_schema
+from tasks.salad import SaladClient
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"width": 320, "height": 240, "audio_seconds": 0.48, "video_seconds": 0.4, "batch_sizes": [4]}

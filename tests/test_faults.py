@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 
+from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -280,7 +281,7 @@ def faults(tmp_path_factory, tiny_models) -> Faults:
                     job["params"] = params
                 return {"name": name, "job": job, "env": env or {}, "hook": hook}
 
-            api_url = hm.start_prefect()
+            api_url = start_prefect_api()
             killed = _kill_mid_render(case("killed", job_id=KILLED_ID, batch_size=1)["job"], work, api_url, final)
             cases = [
                 case("oom_once", "oom_once", batch_size=4),

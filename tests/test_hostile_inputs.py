@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 
+from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -224,7 +225,7 @@ def table(tmp_path_factory, tiny_models) -> Table:
     m = _build_media(media_dir)
     mp = pytest.MonkeyPatch()
     hm.worker_env(mp, work, tiny_models, MUSETALK_CACHE_DIR=str(base / "shared-engine-cache"))
-    hm.start_prefect()
+    start_prefect_api()
     outside_before = {p for p in base.rglob("*") if p.is_file() and work not in p.parents}
     with hm.MediaServer() as server:
         streamed = server.stream("/huge.mp4", STREAM_TOTAL, declare_length=False)

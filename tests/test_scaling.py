@@ -364,16 +364,13 @@ def test_prefect_tasks_build_their_client_from_env(salad_env) -> None:
 
 def test_scale_flow_end_to_end(salad_env, tmp_path: Path) -> None:
     """The Prefect flow once (starts a temporary local Prefect server)."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     from flows.scale import scale, scale_deployment
 
     targets = tmp_path / "gpu_targets.json"
     targets.write_text(json.dumps(TARGETS))
     salad_env.queue_length = 3
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
-        out = scale(queue_name="render", container_groups=GROUPS, max_replicas=10, jobs_per_replica=2,
-                    target_rtf=1.0, dry_run=False, targets_path=str(targets))
+    out = scale(queue_name="render", container_groups=GROUPS, max_replicas=10, jobs_per_replica=2,
+                target_rtf=1.0, dry_run=False, targets_path=str(targets))
     assert out["applied"] == {"mt-4090": 0, "mt-3090": 2}
     assert salad_env.replicas["mt-3090"] == 2 and salad_env.replicas["mt-4090"] == 0
     assert {r["path"] for r in salad_env.patches()} == {f"{PREFIX}/containers/mt-4090",

@@ -22,6 +22,7 @@ from uuid import UUID
 
 import pytest
 
+from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -128,7 +129,7 @@ def run(tmp_path_factory, tiny_models) -> Run:
                 {"name": "b2_error_quotes_key", "hook": "leaky_b2",
                  "job": {**job, "musetalk_job_id": "secret-b2-leak"}},
             ]
-            hm.start_prefect()
+            start_prefect_api()
             with capture_all_logs() as logs:
                 state = hm.run_jobs(cases, return_state=True)
                 from prefect.logging.handlers import APILogHandler

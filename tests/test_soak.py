@@ -22,6 +22,7 @@ import psutil
 import pytest
 from prefect import flow
 
+from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -79,7 +80,7 @@ def samples(tmp_path_factory, tiny_models) -> tuple[list[Sample], Path, hm.FakeO
             v, a = server.file("/avatar.mp4", video), server.file("/speech.wav", audio)
             jobs = [{"musetalk_job_id": f"soak-{i:02d}", "video_url": v, "audio_url": a, "params": {"fps": 2}}
                     for i in range(JOBS)]
-            hm.start_prefect()
+            start_prefect_api()
             started = time.perf_counter()
             rows = soak(jobs)
             wall = time.perf_counter() - started
