@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import threading
@@ -221,13 +220,6 @@ def decoded_frames(path: Path) -> Iterator[np.ndarray]:
                            "-pix_fmt", "rgb24", "-"], capture_output=True, check=True)
     data = np.frombuffer(proc.stdout, np.uint8)
     yield from data.reshape(-1, h, w, 3)
-
-
-def closed_port() -> int:
-    """A 127.0.0.1 port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -------------------------------------------------------------------------------------- media server

@@ -22,7 +22,8 @@ from musetalk_engine.engine import Engine
 from tasks.progress import OrchestratorClient
 from tasks.settings import get_settings
 from tests.hostile_media import worker_env
-from tests.test_serve import RenderSpy, media_server, serve_in_thread, wait_until
+from tests.servers import media_server, serve_in_thread, wait_until
+from tests.test_serve import RenderSpy
 
 pytest_plugins = ["tests.fixtures_engine"]
 

@@ -25,6 +25,7 @@ import pytest
 
 from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
+from tests.servers import free_port
 
 pytest_plugins = ["tests.fixtures_engine"]
 
@@ -136,7 +137,7 @@ def _cases(server: hm.MediaServer, m: dict[str, Path], secret_file: Path) -> lis
 
     s = server
     return [
-        row("unreachable_host", video_url=f"http://127.0.0.1:{hm.closed_port()}/clip.mp4"),
+        row("unreachable_host", video_url=f"http://127.0.0.1:{free_port()}/clip.mp4"),
         row("unknown_host", audio_url="http://no-such-host.invalid/speech.wav"),
         row("http_404", video_url=s.statuses("/gone.mp4", [404])),
         row("http_500_then_404", video_url=s.statuses("/flaky.mp4", [500, 404])),

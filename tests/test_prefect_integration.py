@@ -25,7 +25,8 @@ import pandas as pd
 import pytest
 
 from musetalk_engine.sample_media import make_avatar_video, make_speech
-from tests.pg import free_port, start_postgres
+from tests.pg import start_postgres
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 pytest_plugins = ["tests.fixtures_engine"]

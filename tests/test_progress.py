@@ -4,20 +4,18 @@ secret redaction."""
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from tasks.progress import OrchestratorClient, OrchestratorError, ProgressReporter
 from tasks.settings import RedactSecrets, Settings, install_redaction, redact, secret_values
+from tests.servers import free_port, serve_in_thread
 
 KEY = "s3cr3t-internal-key-0123456789"
 
@@ -47,20 +45,8 @@ class FakeOrchestrator:
 @pytest.fixture(scope="module")
 def server():
     fake = FakeOrchestrator()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert uv.started
-    yield fake, f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(5)
-    sock.close()
+    with serve_in_thread(fake.app) as (url, _, _):
+        yield fake, url
 
 
 @pytest.fixture
@@ -80,11 +66,7 @@ def client(server, fake):
 
 
 def _closed_port_url() -> str:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now: connection refused
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
 
 
 # ----------------------------------------------------------------------------------------- client

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -27,6 +23,7 @@ from tasks.salad import (
     write_replicas,
 )
 from tasks.scaling import decide_scaling, decision_markdown, run_scaling_pass
+from tests.servers import serve_in_thread
 
 API_KEY = "test-key-9f3a1c-do-not-leak"
 ORG, PROJECT = "acme", "lipsync"
@@ -192,28 +189,12 @@ class FakeSalad:
         return JSONResponse({"title": "Not Found"}, status_code=404)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fake_salad():
     fake = FakeSalad()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("fake Salad API did not start")
-        time.sleep(0.02)
-    fake.base_url = f"http://127.0.0.1:{port}/api/public"
-    yield fake
-    server.should_exit = True
-    thread.join(timeout=5)
+    with serve_in_thread(fake.app) as (url, _, _):
+        fake.base_url = f"{url}/api/public"
+        yield fake
 
 
 @pytest.fixture()

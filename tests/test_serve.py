@@ -6,11 +6,8 @@ reuses the process's cached engine. Renders are slowed by patching ``Engine.rend
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import signal
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -25,66 +22,12 @@ from musetalk_engine.engine import Engine
 from musetalk_engine.errors import MediaError
 from tasks.settings import Settings, get_settings
 from tests.hostile_media import UNSET_ENV, worker_env
+from tests.servers import free_port, media_server, serve_in_thread, wait_until
 
 pytest_plugins = ["tests.fixtures_engine"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextmanager
-def serve_in_thread(app: Any, server_factory=None) -> Iterator[tuple[str, uvicorn.Server, threading.Thread]]:
-    """Run an ASGI app under uvicorn on a free 127.0.0.1 port in a thread; stopped on exit."""
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    if server_factory is None:
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    else:
-        server = server_factory(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}", server, thread
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
-
-
-@contextmanager
-def media_server(root: Path) -> Iterator[str]:
-    """A static file server for the job's inputs (404 for anything missing)."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def wait_until(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 class RenderSpy:
@@ -411,9 +354,7 @@ def test_cli_serve_reports_a_failed_load_and_stops_on_sigterm(tmp_path):
     import subprocess
     import sys
 
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV and not k.startswith("MUSETALK_")}
     env.update(MUSETALK_MODELS_DIR=str(tmp_path / "no-models"), MUSETALK_WORKDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--host", "127.0.0.1",
