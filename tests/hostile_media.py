@@ -234,7 +234,25 @@ class StreamRecord:
     finished: threading.Event = field(default_factory=threading.Event)
 
 
-class MediaServer:
+class _ThreadedHTTP:
+    """A ThreadingHTTPServer on a free 127.0.0.1 port, served on a daemon thread inside ``with``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class MediaServer(_ThreadedHTTP):
     """A threaded HTTP server on 127.0.0.1 with scripted routes; paths are matched percent-decoded."""
 
     def __init__(self) -> None:
@@ -259,18 +277,7 @@ class MediaServer:
             def log_message(self, *args: Any) -> None:  # keep the test output clean
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="media-server", daemon=True)
-
-    def __enter__(self) -> "MediaServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler, "media-server")
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{quote(path)}"
@@ -343,7 +350,7 @@ class MediaServer:
 # ------------------------------------------------------------------------------------ orchestrator
 
 
-class FakeOrchestrator:
+class FakeOrchestrator(_ThreadedHTTP):
     """The orchestrator's progress endpoint on 127.0.0.1. ``mode``: ``ok`` (200), ``error`` (500) or
     ``slow`` (answers after ``delay`` s). Records (path, api key header, body) of every POST."""
 
@@ -378,18 +385,8 @@ class FakeOrchestrator:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-orchestrator", daemon=True)
-
-    def __enter__(self) -> "FakeOrchestrator":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler, "fake-orchestrator")
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def bodies(self, job_id: str) -> list[dict]:
         with self._lock:
