@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -30,21 +31,26 @@ def astronaut_frame(width: int, height: int) -> np.ndarray:
     return canvas
 
 
+def swaying_frames(n: int, width: int, height: int) -> Iterator[np.ndarray]:
+    """``n`` frames of the astronaut swaying a few pixels sideways (so that frames differ)."""
+    base = astronaut_frame(width, height)
+    for i in range(n):
+        m = np.float32([[1, 0, 3.0 * np.sin(2 * np.pi * i / max(n, 2))], [0, 1, 0]])
+        yield cv2.warpAffine(base, m, (width, height), borderMode=cv2.BORDER_REPLICATE)
+
+
 def make_avatar_video(out: str | Path, *, seconds: float = 2.0, fps: float = 25.0, width: int = 360,
                       height: int = 360, codec: str = "libx264", extra_args: tuple[str, ...] = ()) -> Path:
     """A short clip of the astronaut gently swaying (a few pixels), encoded by ffmpeg from memory."""
     out = Path(out)
-    base = astronaut_frame(width, height)
     n = max(1, round(seconds * fps))
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", *extra_args, "-c:v", codec,
            "-pix_fmt", "yuv420p", str(out)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
     try:
-        for i in range(n):
-            dx = 3.0 * np.sin(2 * np.pi * i / max(n, 2))
-            m = np.float32([[1, 0, dx], [0, 1, 0]])
-            proc.stdin.write(cv2.warpAffine(base, m, (width, height), borderMode=cv2.BORDER_REPLICATE).tobytes())
+        for frame in swaying_frames(n, width, height):
+            proc.stdin.write(frame.tobytes())
     finally:
         proc.stdin.close()
     if proc.wait() != 0:

@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 from prefect import flow
 
-from musetalk_engine.sample_media import astronaut_frame, make_speech
+from musetalk_engine.sample_media import astronaut_frame, make_speech, swaying_frames
+from tests.media import encode_frames, encode_rotated, ffprobe, lavfi_video
 
 FPS = 25.0
 
@@ -59,25 +60,12 @@ def worker_env(mp, work: Path, models: Path, **extra: str) -> None:
 # ------------------------------------------------------------------------------------------- media
 
 
-def _encode(frames: list[np.ndarray], out: Path, *, fps: float = FPS, args: tuple[str, ...] = (),
-            pix_fmt: str = "yuv420p", container: tuple[str, ...] = ()) -> Path:
-    """Raw RGB frames → an H.264 file (``args`` go before the codec, e.g. a timestamp filter)."""
-    h, w = frames[0].shape[:2]
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-           "-r", str(fps), "-i", "-", *args, "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
-           "-pix_fmt", pix_fmt, *container, str(out)]
-    subprocess.run(cmd, input=b"".join(np.ascontiguousarray(f).tobytes() for f in frames), check=True)
-    return Path(out)
+def _encode(frames: list[np.ndarray], out: Path, **options: Any) -> Path:
+    return encode_frames(frames, out, fps=FPS, crf=18, **options)
 
 
 def face_frames(n: int, width: int, height: int) -> list[np.ndarray]:
-    """The astronaut swaying a few pixels (so frames differ), ``n`` frames."""
-    base = astronaut_frame(width, height)
-    frames = []
-    for i in range(n):
-        m = np.float32([[1, 0, 3.0 * np.sin(2 * np.pi * i / max(n, 2))], [0, 1, 0]])
-        frames.append(cv2.warpAffine(base, m, (width, height), borderMode=cv2.BORDER_REPLICATE))
-    return frames
+    return list(swaying_frames(n, width, height))
 
 
 CLIP_SEC = 0.24  # 6 frames at 25 fps: every render and avatar preparation stays a few seconds on a CPU
@@ -110,20 +98,12 @@ def partial_face_clip(out: Path, *, with_face: int = 3, without: int = 3, width:
 
 def no_face_clip(out: Path, *, seconds: float = CLIP_SEC) -> Path:
     """ffmpeg's test pattern: moving, colourful, no face anywhere."""
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc=size=160x120:rate=25", "-t", str(seconds), "-c:v", "libx264", "-pix_fmt",
-                    "yuv420p", str(out)], check=True)
-    return Path(out)
+    return lavfi_video(out, "testsrc=size=160x120:rate=25", seconds)
 
 
 def rotated_clip(out: Path, *, width: int = 180, height: int = 320, seconds: float = CLIP_SEC) -> Path:
     """Displayed ``width``×``height`` (portrait), stored sideways with a 90° rotation tag, like phones."""
-    frames = [np.ascontiguousarray(np.rot90(f, 3)) for f in face_frames(round(seconds * FPS), width, height)]
-    plain = _encode(frames, Path(out).with_suffix(".plain.mp4"))
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(plain), "-c", "copy",
-                    "-metadata:s:v:0", "rotate=90", str(out)], check=True)
-    plain.unlink()
-    return Path(out)
+    return encode_rotated(face_frames(round(seconds * FPS), width, height), out, fps=FPS, crf=18)
 
 
 def still_png(out: Path, *, width: int = 200, height: int = 200) -> Path:
@@ -202,14 +182,8 @@ def dash_manifest(segment: str) -> bytes:
             f"</Representation></AdaptationSet></Period></MPD>").encode()
 
 
-def probe(path: Path) -> dict:
-    proc = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)
-
-
 def video_size(path: Path) -> tuple[int, int]:
-    stream = next(s for s in probe(path)["streams"] if s["codec_type"] == "video")
+    stream = next(s for s in ffprobe(path)["streams"] if s["codec_type"] == "video")
     return int(stream["width"]), int(stream["height"])
 
 

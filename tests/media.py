@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 
-from musetalk_engine.sample_media import astronaut_frame
+from musetalk_engine.sample_media import astronaut_frame, swaying_frames
 from musetalk_engine.video import decode_frames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -23,13 +23,26 @@ MARKER_BASE, MARKER_STEP = 16, 6
 
 # --- media helpers ---------------------------------------------------------------------------------
 
-def _encode(frames: list[np.ndarray], out: Path, fps: float) -> Path:
+def encode_frames(frames: list[np.ndarray], out: Path, *, fps: float = 25.0, crf: int = 16,
+                  args: tuple[str, ...] = (), pix_fmt: str = "yuv420p", container: tuple[str, ...] = ()) -> Path:
+    """Raw RGB frames → an H.264 file (``args`` go before the codec, e.g. a timestamp filter)."""
     h, w = frames[0].shape[:2]
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-           "-r", str(fps), "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "16",
-           "-pix_fmt", "yuv420p", str(out)]
+           "-r", str(fps), "-i", "-", *args, "-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf),
+           "-pix_fmt", pix_fmt, *container, str(out)]
     subprocess.run(cmd, input=b"".join(np.ascontiguousarray(f).tobytes() for f in frames), check=True)
-    return out
+    return Path(out)
+
+
+def encode_rotated(upright: list[np.ndarray], out: Path, **encode: Any) -> Path:
+    """Frames shown upright but stored sideways with a 90° display rotation in the container (the way
+    phones record portrait video)."""
+    sideways = [np.ascontiguousarray(np.rot90(f, 3)) for f in upright]  # what a rotate=90 display turns upright
+    plain = encode_frames(sideways, Path(out).with_suffix(".plain.mp4"), **encode)
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(plain), "-c", "copy",
+                    "-metadata:s:v:0", "rotate=90", str(out)], check=True)
+    plain.unlink()
+    return Path(out)
 
 
 def marker_level(index: int) -> int:
@@ -41,14 +54,10 @@ def marked_avatar_video(out: Path, *, seconds: float = 1.5, fps: float = 25.0, w
     """The astronaut, swaying a few pixels, with frame i's index written as the marker square's grey level."""
     n = max(1, round(seconds * fps))
     assert marker_level(n - 1) <= 250, "too many frames for the marker's grey levels"
-    base = astronaut_frame(width, height)
-    frames = []
-    for i in range(n):
-        m = np.float32([[1, 0, 3.0 * np.sin(2 * np.pi * i / max(n, 2))], [0, 1, 0]])
-        f = cv2.warpAffine(base, m, (width, height), borderMode=cv2.BORDER_REPLICATE)
+    frames = list(swaying_frames(n, width, height))
+    for i, f in enumerate(frames):
         f[:MARKER, :MARKER] = marker_level(i)
-        frames.append(f)
-    return _encode(frames, Path(out), fps)
+    return encode_frames(frames, Path(out), fps=fps)
 
 
 def read_markers(video: Path, fps: float = 25.0) -> list[int]:
@@ -66,12 +75,8 @@ def rotated_video(out: Path, *, width: int, height: int, seconds: float, fps: fl
     for i in range(max(1, round(seconds * fps))):
         f = upright.copy()
         f[:MARKER, :MARKER] = marker_level(i)
-        frames.append(np.ascontiguousarray(np.rot90(f, 3)))  # what a rotate=90 display turns upright
-    plain = _encode(frames, Path(out).with_suffix(".plain.mp4"), fps)
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(plain), "-c", "copy",
-                    "-metadata:s:v:0", "rotate=90", str(out)], check=True)
-    plain.unlink()
-    return Path(out)
+        frames.append(f)
+    return encode_rotated(frames, out, fps=fps)
 
 
 def lavfi_video(out: Path, source: str, seconds: float = 1.0) -> Path:

@@ -25,6 +25,7 @@ import pytest
 
 from deployments.serve import start_prefect_api
 from tests import hostile_media as hm
+from tests.media import ffprobe
 from tests.servers import free_port
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -334,7 +335,7 @@ def test_odd_frame_size_is_padded_to_even_by_one_pixel(table):
 
 def test_image_and_vfr_render_at_25_fps_for_the_audio_length(table):
     for name in ("image_as_video", "vfr_video", "silent_audio", "mp3_48k_stereo"):
-        info = hm.probe(_output(table.rows[name]))
+        info = ffprobe(_output(table.rows[name]))
         video = next(s for s in info["streams"] if s["codec_type"] == "video")
         assert video["avg_frame_rate"] == "25/1", (name, video["avg_frame_rate"])
         assert any(s["codec_type"] == "audio" for s in info["streams"]), name
