@@ -97,13 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     targets = None
     if args.merge is not None:
-        from benchmarks.targets import load_prices, load_targets, merge_results, write_targets
+        from benchmarks.targets import merge_into_file
 
         prices_path = args.prices or args.merge.with_name("salad_prices.json")
-        prices = load_prices(prices_path) if prices_path.is_file() else None
-        targets = merge_results(load_targets(args.merge), result, class_id=args.class_id, prices=prices)
-        write_targets(args.merge, targets)
-        say(f"merged into {args.merge}" + ("" if prices else " (no price list found)"))
+        targets = merge_into_file(args.merge, [(args.class_id, result)], prices_path)
+        say(f"merged into {args.merge}" + ("" if prices_path.is_file() else " (no price list found)"))
     if args.chart is not None:
         from benchmarks.chart import plot_targets
         from benchmarks.targets import merge_results

@@ -36,7 +36,8 @@ from prefect.deployments import run_deployment
 from benchmarks.chart import plot_targets
 from benchmarks.run import BenchmarkConfig, run_benchmark
 from benchmarks.schema import BenchmarkResult
-from benchmarks.targets import load_prices, load_targets, merge_results, results_table, write_targets
+from benchmarks.targets import merge_into_file, results_table
+from tasks.scaling import read_targets
 from tasks.salad import salad_client_from_env
 
 TABLE_KEY = "gpu-benchmark-results"
@@ -107,13 +108,8 @@ def _single_result(out: Any) -> dict[str, Any]:
 def merge_into_targets(results: list[tuple[Optional[str], dict[str, Any]]], targets_path: str,
                        prices_path: Optional[str]) -> list[dict[str, Any]]:
     """Merge each (class id or None, result) into gpu_targets.json; every other entry is kept."""
-    targets = load_targets(targets_path)
-    prices = load_prices(prices_path) if prices_path and Path(prices_path).is_file() else None
-    for class_id, data in results:
-        targets = merge_results(targets, BenchmarkResult.model_validate(data), class_id=class_id,
-                                prices=prices)
-    write_targets(targets_path, targets)
-    return targets
+    return merge_into_file(targets_path, [(cid, BenchmarkResult.model_validate(data)) for cid, data in results],
+                           prices_path)
 
 
 @task(name="benchmark-report", cache_policy=NO_CACHE)
@@ -239,4 +235,4 @@ def _class_names(targets_path: Optional[str]) -> dict[str, str]:
     """class id → Salad class name, so that each child reports which class it ran on."""
     if not targets_path or not Path(targets_path).is_file():
         return {}
-    return {t["id"]: t["name"] for t in load_targets(targets_path) if t.get("id")}
+    return {t["id"]: t["name"] for t in read_targets(targets_path) if t.get("id")}

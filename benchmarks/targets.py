@@ -34,9 +34,8 @@ __all__ = [
     "ClassPrice",
     "PriceList",
     "benchmark_summary",
-    "load_prices",
-    "load_targets",
     "match_class",
+    "merge_into_file",
     "merge_results",
     "normalise_gpu_name",
     "results_table",
@@ -45,16 +44,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- files
-
-
-def load_targets(path: PathLike) -> list[dict[str, Any]]:
-    """Read gpu_targets.json: a list of objects that each have at least a `name`."""
-    return read_targets(path)
-
-
-def load_prices(path: PathLike) -> PriceList:
-    """Read salad_prices.json."""
-    return read_prices(path)
 
 
 def write_targets(path: PathLike, targets: list[dict[str, Any]]) -> Path:
@@ -242,3 +231,15 @@ def results_table(targets: Iterable[dict[str, Any]]) -> pd.DataFrame:
         ["cost_per_output_minute", "fps"], ascending=[True, False], na_position="last"
     )
     return df.reset_index(drop=True)
+
+
+def merge_into_file(path: PathLike, results: Iterable[tuple[Optional[str], BenchmarkResult]],
+                    prices_path: Optional[PathLike] = None) -> list[dict[str, Any]]:
+    """Merge each (class id or None, result) into the gpu_targets.json at ``path``, keeping every other
+    entry, with prices from ``prices_path`` when that file exists; returns what was written."""
+    prices = read_prices(prices_path) if prices_path and Path(prices_path).is_file() else None
+    targets = read_targets(path)
+    for class_id, result in results:
+        targets = merge_results(targets, result, class_id=class_id, prices=prices)
+    write_targets(path, targets)
+    return targets

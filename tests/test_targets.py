@@ -14,14 +14,13 @@ from pydantic import ValidationError
 from benchmarks.chart import plot_targets
 from benchmarks.schema import BenchmarkResult, SweepEntry, json_schema
 from benchmarks.targets import (
-    load_prices,
-    load_targets,
     match_class,
     merge_results,
     normalise_gpu_name,
     results_table,
     write_targets,
 )
+from tasks.scaling import read_prices, read_targets
 
 REPO = Path(__file__).resolve().parents[1]
 ID_4090 = "ed563892-aacd-40f5-80b7-90c9be6c759b"
@@ -74,14 +73,14 @@ def make_result(
 
 @pytest.fixture()
 def targets() -> list[dict]:
-    return load_targets(REPO / "gpu_targets.json")
+    return read_targets(REPO / "gpu_targets.json")
 
 
 @pytest.fixture()
 def prices(tmp_path: Path):
     path = tmp_path / "salad_prices.json"
     path.write_text(json.dumps(PRICES))
-    return load_prices(path)
+    return read_prices(path)
 
 
 # ------------------------------------------------------------------------------------ schema
@@ -219,7 +218,7 @@ def test_write_targets_is_atomic_and_round_trips(tmp_path: Path, targets, prices
     out.parent.mkdir()
     out.write_text("[]")
     assert write_targets(out, merged) == out
-    assert load_targets(out) == merged
+    assert read_targets(out) == merged
     assert [p.name for p in out.parent.iterdir()] == ["gpu_targets.json"]  # no temp file left behind
 
 
