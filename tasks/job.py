@@ -19,17 +19,16 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int | None = Field(None, ge=1, le=256)
-    extra_margin: int = Field(10, ge=0, le=100)
-    parsing_mode: str = Field("jaw", pattern="^(jaw|raw)$")
-    left_cheek_width: int = Field(90, ge=0, le=256)
-    right_cheek_width: int = Field(90, ge=0, le=256)
-    fps: float = Field(25.0, gt=0, le=60)
+    # the avatar settings a job may change, with the engine's own defaults and bounds
+    extra_margin: int = PrepareParams.model_fields["extra_margin"]
+    parsing_mode: str = PrepareParams.model_fields["parsing_mode"]
+    left_cheek_width: int = PrepareParams.model_fields["left_cheek_width"]
+    right_cheek_width: int = PrepareParams.model_fields["right_cheek_width"]
+    fps: float = PrepareParams.model_fields["fps"]
     keep_source_size: bool = False  # ignore aspect_ratio/resolution and keep the source frame
 
     def prepare_params(self, landmarks: str) -> PrepareParams:
-        return PrepareParams(fps=self.fps, extra_margin=self.extra_margin, parsing_mode=self.parsing_mode,
-                             left_cheek_width=self.left_cheek_width, right_cheek_width=self.right_cheek_width,
-                             landmarks=landmarks)
+        return PrepareParams(landmarks=landmarks, **self.model_dump(exclude={"batch_size", "keep_source_size"}))
 
 
 class JobRequest(BaseModel):
