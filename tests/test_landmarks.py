@@ -119,8 +119,13 @@ def test_tiny_s3fd_detect_is_well_formed(tmp_path):
         assert scores == sorted(scores, reverse=True) and all(s > 0.3 for s in scores)
         for x1, y1, x2, y2, _ in faces:
             assert 0 <= x1 <= x2 <= 96 and 0 <= y1 <= y2 <= 64
-    # batching does not change the answer
-    assert S3FDDetector(net, threshold=0.3, batch_size=1).detect(frames) == results
+    # batching does not change the answer (up to float rounding: oneDNN picks different conv kernels per
+    # batch size, so compare each face with a tolerance, in any order among near-equal scores)
+    single = S3FDDetector(net, threshold=0.3, batch_size=1).detect(frames)
+    assert [len(f) for f in single] == [len(f) for f in results]
+    for ours, theirs in zip(single, results):
+        for face in ours:
+            assert any(np.allclose(face, other, atol=1e-3) for other in theirs), face
 
 
 # --- DWPose ONNX --------------------------------------------------------------------------------
