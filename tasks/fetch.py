@@ -152,7 +152,7 @@ def check_url_allowed(url: str, settings: Settings, kind: str = "input") -> None
                 "URLs are accepted", stage="download", details={"url": display_url(url)})
 
 
-def _check_peer(response: httpx.Response, settings: Settings, kind: str) -> None:
+def check_peer(response: httpx.Response, settings: Settings, kind: str) -> None:
     """Re-check the address actually connected to (DNS may have changed since the guard resolved it)."""
     if settings.musetalk_allow_private_urls:
         return
@@ -319,7 +319,7 @@ def _fetch_once(client: httpx.Client, url: str, tmp: Path, kind: str, settings: 
         except httpx.TransportError as exc:
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
         try:
-            _check_peer(response, settings, kind)
+            check_peer(response, settings, kind)
             if response.is_redirect:
                 current = str(response.url.join(response.headers["location"]))
                 if current in seen:

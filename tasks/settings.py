@@ -9,7 +9,7 @@ Relative paths (result dir, models, cache, UNet files) are relative to ``MUSETAL
 :meth:`Settings.resolve`. The workdir defaults to ``/app`` (the container layout) when that directory
 exists, else to the current directory, so a dev machine works without configuration.
 
-Secrets (``INTERNAL_API_KEY``, ``B2_APP_KEY``, ``SALAD_API_KEY``) are ``SecretStr``: their repr is
+Secrets (``INTERNAL_API_KEY``, ``B2_APP_KEY``, ``SALAD_API_KEY``, ``MUSETALK_WEBHOOK_SECRET``) are ``SecretStr``: their repr is
 masked, and :class:`RedactSecrets` scrubs their plain values from log records as a second line of defence.
 """
 
@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # Plain paths and file:// inputs, for the CLI and batch runs; never for the public HTTP endpoint.
     musetalk_allow_local_files: bool = False
 
+    # --- control plane: webhooks (DESIGN §11); the secret signs every delivery, never sent itself
+    musetalk_webhook_secret: SecretStr | None = None
+    # First delay between webhook attempts (doubles per attempt, 5 attempts); tests set it near zero.
+    musetalk_webhook_retry_base_sec: float = Field(1.0, ge=0)
+
     # --- engine knobs
     musetalk_landmarks: str = "auto"
     musetalk_batch_size: int | None = Field(None, ge=1)
@@ -144,7 +149,8 @@ def secret_values(settings: Settings | None = None) -> list[str]:
     """Plain values of the configured secrets (for redaction only — never log or return them)."""
     settings = settings or get_settings()
     values = []
-    for secret in (settings.internal_api_key, settings.b2_app_key, settings.salad_api_key):
+    for secret in (settings.internal_api_key, settings.b2_app_key, settings.salad_api_key,
+                   settings.musetalk_webhook_secret):
         if secret is not None and len(secret.get_secret_value()) >= MIN_REDACT_LEN:
             values.append(secret.get_secret_value())
     return values

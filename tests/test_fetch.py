@@ -14,7 +14,7 @@ from prefect.states import Failed
 from musetalk_engine.errors import MediaError, ProcessingError
 from tasks.fetch import (MediaInfo, check_media, display_url, download, fetch_input, is_transient,
                          parse_probe, probe_media, retry_if_transient, sniff_non_media, validate_input)
-from tasks.fetch import _check_peer
+from tasks.fetch import check_peer
 from tasks.settings import Settings
 
 PUBLIC = "http://93.184.216.34"  # a public address literal: passes the SSRF guard without DNS
@@ -125,8 +125,8 @@ def test_peer_address_is_rechecked(http_server, tmp_path):
     _, base = http_server
     with httpx.Client() as client, client.stream("GET", f"{base}/video.mp4") as response:
         with pytest.raises(MediaError, match="private network"):
-            _check_peer(response, settings(tmp_path), "video")
-        _check_peer(response, settings(tmp_path, musetalk_allow_private_urls=True), "video")
+            check_peer(response, settings(tmp_path), "video")
+        check_peer(response, settings(tmp_path, musetalk_allow_private_urls=True), "video")
 
 
 def test_broken_chunked_body_falls_back_to_connection_close(http_server, media, tmp_path):
