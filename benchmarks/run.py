@@ -259,7 +259,7 @@ def _run(config: BenchmarkConfig, process_start: Optional[float], say: Callable[
 
 def use_mode(engine, mode: str) -> None:
     """Give the engine a generator in `mode` over the already loaded UNet and VAE (no reload)."""
-    from musetalk_engine.render import FaceGenerator
+    from musetalk_engine.face_generator import FaceGenerator
 
     if getattr(engine.generator, "mode", "eager") != mode:
         engine.generator = FaceGenerator(engine.unet, engine.vae, engine.device, engine.dtype, mode=mode)

@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 from . import audio as audio_mod
 from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
 from .errors import MediaError
+from .face_generator import FaceGenerator
 from .metrics import PeakVram, RenderMetrics, StageTimer, gpu_info, peak_rss_kb
-from .pipeline import render_stream, render_stream_device, source_frames
-from .render import FaceGenerator
+from .render import render_stream, render_stream_device, source_frames
 from .video import OutputShape, VideoWriter, decode_frames
 from .weights import ModelPaths, check_models, load_unet, load_vae, load_whisper, weights_fingerprint
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-STAGES = ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode")
+RENDER_STAGES = ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode")
 
 
 class StageTimer:
@@ -57,7 +57,7 @@ class StageTimer:
                 end.synchronize()
                 self._times[name] += start.elapsed_time(end) / 1000
             self._pending.clear()
-            return {k: round(self._times.get(k, 0.0), 4) for k in (*STAGES, *sorted(set(self._times) - set(STAGES)))}
+            return {k: round(self._times.get(k, 0.0), 4) for k in (*RENDER_STAGES, *sorted(set(self._times) - set(RENDER_STAGES)))}
 
 
 def peak_rss_kb() -> int:

@@ -1,131 +1,256 @@
-"""The per-frame GPU work: one UNet call at timestep 0 and a VAE decode, batched. No scheduler, no noise."""
+"""The streamed render: source decode → UNet + VAE decode → blend → encode, as overlapping stages.
+
+Each stage runs on its own thread (torch, cv2 and pipe writes release the GIL) and hands work on through
+bounded queues, so the GPU never waits for blending or encoding and memory stays flat. Any stage's failure
+stops all of them and is re-raised in the caller."""
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
-from .audio import positional_encoding
-from .weights import VAE_SCALING_FACTOR
+from .avatar import Avatar
+from .blend import paste_face
+from .cycle import cycle_indices
+from .errors import ProcessingError
+from .face_generator import FaceGenerator
+from .metrics import StageTimer
+from .video import VideoWriter
 
-log = logging.getLogger(__name__)
-
-# CUDA graphs kept at once: the engine's batch size, a job's own, and an OOM retry's half
-MAX_GRAPHS = 3
+_END = object()
 
 
-class FaceGenerator:
-    """Holds the UNet and VAE on one device; ``generate`` turns avatar latents + audio windows into faces.
+class _Stopped(Exception):
+    """Another stage failed; this one leaves quietly."""
 
-    ``mode`` picks the execution (see :mod:`musetalk_engine.accel`): ``eager``, ``graphs`` (CUDA-graph UNet)
-    or ``compiled`` (torch.compile of UNet and VAE decoder). Any failure of a fast path logs once and
-    falls back to eager for good, so a job never fails for the sake of speed."""
 
-    def __init__(self, unet, vae, device: torch.device, dtype: torch.dtype, mode: str = "eager"):
-        from .accel import MODES
+def _halve_after_oom(exc: BaseException, batch_size: int, halved: bool, device: torch.device) -> int:
+    """The batch size to retry with after an out-of-memory error, or a clear ProcessingError when the
+    one retry at half the batch was already spent (or the batch cannot shrink)."""
+    if halved or batch_size == 1:
+        raise ProcessingError(f"ran out of {device.type.upper()} memory while rendering at batch size "
+                              f"{batch_size}" + (" (already halved once)" if halved else ""),
+                              stage="inference", retryable=True,
+                              details={"batch_size": batch_size}) from exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return max(1, batch_size // 2)
 
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if mode == "graphs" and device.type != "cuda":
-            mode = "eager"  # CUDA graphs need CUDA
-        self.unet, self.vae = unet, vae
-        self.device, self.dtype = device, dtype
-        self.mode = mode
-        self._pe = positional_encoding(50).to(device=device, dtype=dtype)
-        self._t0 = torch.zeros(1, device=device, dtype=torch.long)
-        self._graphs: OrderedDict[int, object] = OrderedDict()  # batch size → graph, least recent first
-        self._unet_fast = self._decoder_fast = None
-        if mode == "compiled":
-            from .accel import compile_module
 
-            self._unet_fast = compile_module(unet, "reduce-overhead" if device.type == "cuda" else "default")
-            self._decoder_fast = compile_module(vae.decoder, "max-autotune-no-cudagraphs"
-                                                if device.type == "cuda" else "default")
+class _ModelBatches:
+    """The model's faces batch by batch in output order, with one retry at half the batch after an
+    out-of-memory error (then a clear 500: a bigger GPU may do). ``batch_size`` ends as the one used."""
 
-    def _fallback(self, what: str, exc: BaseException) -> None:
-        log.warning("%s failed (%s: %s); falling back to eager", what, type(exc).__name__, str(exc)[:300])
-        self.mode = "eager"
-        self._graphs.clear()
-        self._unet_fast = self._decoder_fast = None
+    def __init__(self, generator: FaceGenerator, latents: torch.Tensor, windows: torch.Tensor,
+                 order: np.ndarray, batch_size: int, timer: StageTimer):
+        self.generator, self.latents, self.windows = generator, latents, windows
+        self.order, self.batch_size, self.timer = order, batch_size, timer
+        # the frame order where the latents are, copied once: a copy per batch would make the host wait
+        # for the GPU each time (a pageable host→device copy synchronises)
+        self.order_on_latents = torch.as_tensor(order, device=latents.device)
 
-    def _attempt(self, what: str, fast: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-        """``fast()``, or None once it failed and the generator fell back to eager for good. An OOM is
-        raised as it is: it is the batch's failure, which the caller retries at half the batch."""
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+        start, halved = 0, False
+        while start < len(self.order):
+            idx = self.order[start:start + self.batch_size]
+            try:
+                faces = self.generator.generate(self.latents[self.order_on_latents[start:start + len(idx)]],
+                                                self.windows[start:start + self.batch_size], self.timer,
+                                                batch_size=self.batch_size)
+            except torch.OutOfMemoryError as exc:
+                self.generator.release_fast_paths()  # their memory is what the retry at half needs
+                self.batch_size = _halve_after_oom(exc, self.batch_size, halved, self.generator.device)
+                halved = True
+                continue
+            yield start, idx, faces
+            start += len(idx)
+
+
+class _Channel:
+    """A bounded queue whose put/get give up as soon as the pipeline is stopping."""
+
+    def __init__(self, stop: threading.Event, maxsize: int):
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = stop
+
+    def put(self, item) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+
+def _guarded(fn: Callable[[], None], errors: list[BaseException], stop: threading.Event) -> Callable[[], None]:
+    """``fn`` as a pipeline stage: a stop raised by another stage's failure ends it quietly; its own
+    failure is recorded (re-raised by the caller) and stops every other stage."""
+    def run() -> None:
         try:
-            return fast()
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 — a fast path must never fail a job
-            self._fallback(what, exc)
-            return None
+            fn()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
+            errors.append(exc)
+            stop.set()
+    return run
 
-    def _run_unet(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        out = None
-        if self.mode == "graphs":
-            out = self._attempt("CUDA graph capture", lambda: self._graph_for(latents.shape[0])(latents, audio))
-        elif self.mode == "compiled" and self._unet_fast is not None:
-            out = self._attempt("compiled UNet",
-                                lambda: self._unet_fast(latents, self._t0, encoder_hidden_states=audio).sample)
-        return out if out is not None else self.unet(latents, self._t0, encoder_hidden_states=audio).sample
 
-    def _graph_for(self, batch: int):
-        """The graph for this batch size, captured on first use. Each graph keeps its own memory pool, so
-        only the most recently used few are kept (jobs may ask for any batch size)."""
-        from .accel import GraphedUNet
+def source_frames(frames: Iterator[np.ndarray], order: np.ndarray, n_source: int,
+                  timer: StageTimer) -> Iterator[np.ndarray]:
+    """Source frames in output order; kept in memory only when the output runs past one forward pass."""
+    keep = len(order) > n_source
+    kept: list[np.ndarray] = []
+    last = None
+    for t, i in enumerate(order):
+        if t < n_source:  # the first pass is plain forward: stream it
+            with timer.stage("decode"):
+                frame = next(frames, None)
+            frame = last if frame is None else frame  # a stream one frame short repeats its last
+            last = frame
+            if keep:
+                kept.append(frame)
+            yield frame
+        else:
+            yield kept[min(int(i), len(kept) - 1)]
 
-        if batch in self._graphs:
-            self._graphs.move_to_end(batch)
-            return self._graphs[batch]
-        while len(self._graphs) >= MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-            torch.cuda.empty_cache()
-        graph = self._graphs[batch] = GraphedUNet(self.unet, batch, self._t0, self.dtype)
-        return graph
 
-    def release_fast_paths(self) -> None:
-        """Drop the captured graphs and their memory (before a retry at a smaller batch after an OOM)."""
-        if self._graphs:
-            self._graphs.clear()
-            torch.cuda.empty_cache()
+def render_stream(*, avatar: Avatar, frames: Iterator[np.ndarray], windows: torch.Tensor,
+                  generator: FaceGenerator, writer: VideoWriter, batch_size: int, timer: StageTimer,
+                  on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Render ``len(windows)`` frames into ``writer``; returns the batch size finally used (halved once on OOM)."""
+    total = int(windows.shape[0])
+    order = cycle_indices(avatar.n_frames, total)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    sources = _Channel(stop, maxsize=4 * batch_size)
+    faces_q = _Channel(stop, maxsize=3)
+    out_q = _Channel(stop, maxsize=2 * batch_size)
+    latents = torch.from_numpy(avatar.latents)
+    if generator.device.type == "cuda":
+        latents = latents.pin_memory()
 
-    @torch.inference_mode()
-    def unet_latents(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """[B,8,32,32] inputs + [B,50,384] audio windows → [B,4,32,32] predicted face latents."""
-        latents = latents.to(self.device, self.dtype, non_blocking=True)
-        audio = audio.to(self.device, self.dtype, non_blocking=True) + self._pe
-        return self._run_unet(latents, audio)
+    def decode_stage():
+        for frame in source_frames(frames, order, avatar.n_frames, timer):
+            sources.put(frame)
 
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Face latents → [B,256,256,3] uint8 RGB on the model's device."""
-        image = None
-        if self._decoder_fast is not None:
-            image = self._attempt("compiled VAE decoder", lambda: self._decoder_fast(
-                self.vae.post_quant_conv(latents / VAE_SCALING_FACTOR)))
-        if image is None:
-            image = self.vae.decode(latents / VAE_SCALING_FACTOR).sample
-        image = (image.float() / 2 + 0.5).clamp_(0, 1).mul_(255).round_()
-        return image.to(torch.uint8).permute(0, 2, 3, 1)
+    def blend_stage():
+        while (item := faces_q.get()) is not _END:
+            start, faces = item
+            for j, face in enumerate(faces):
+                i = int(order[start + j])
+                frame = np.array(sources.get())  # decoded buffers are read-only; the copy is the output
+                if avatar.face_found[i]:  # frames without a face pass through untouched
+                    with timer.stage("blend"):
+                        paste_face(frame, face, tuple(avatar.boxes[i]), avatar.masks[i],
+                                   tuple(avatar.crop_boxes[i]))
+                out_q.put(frame)
+        out_q.put(_END)
 
-    def generate(self, latents: torch.Tensor, audio: torch.Tensor, timer=None,
-                 batch_size: int | None = None) -> torch.Tensor:
-        """Both steps with their times recorded under ``unet`` and ``vae_decode`` when a timer is given
-        (GPU time on CUDA; the faces may still be being computed when this returns).
+    def encode_stage():
+        done = 0
+        while (frame := out_q.get()) is not _END:
+            with timer.stage("encode"):
+                writer.write(frame)
+            done += 1
+            if on_progress and (done % 10 == 0 or done == total):
+                on_progress(done, total)
 
-        ``batch_size`` is the size of the run's full batches. The fast modes are built per batch size
-        (a graph capture, a compile), so a shorter batch, a job's last, runs padded to it instead of
-        building anew."""
-        n = latents.shape[0]
-        size = n if self.mode == "eager" else max(n, batch_size or n)
-        if size > n:  # repeat the last frame's inputs; their faces are dropped below
-            latents = torch.cat([latents, latents[-1:].expand(size - n, *latents.shape[1:])])
-            audio = torch.cat([audio, audio[-1:].expand(size - n, *audio.shape[1:])])
-        if timer is None:
-            return self.decode(self.unet_latents(latents, audio))[:n]
-        with timer.stage("unet", self.device):
-            pred = self.unet_latents(latents, audio)
-        with timer.stage("vae_decode", self.device):
-            return self.decode(pred)[:n]
+    threads = [threading.Thread(target=_guarded(f, errors, stop), name=f"render-{f.__name__}", daemon=True)
+               for f in (decode_stage, blend_stage, encode_stage)]
+    for th in threads:
+        th.start()
+
+    batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
+
+    def gpu_stage():
+        for start, _, faces in batches:
+            faces_q.put((start, faces.cpu().numpy()))
+        faces_q.put(_END)
+
+    _guarded(gpu_stage, errors, stop)()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return batches.batch_size
+
+
+def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, windows: torch.Tensor,
+                         generator: FaceGenerator, writer: VideoWriter, batch_size: int, timer: StageTimer,
+                         on_progress: Callable[[int, int], None] | None = None) -> int:
+    """The device path: source frames already on the model's device, blending (and, for a ``yuv420p``
+    writer, the colour conversion) as tensor ops right after the decode, finished frames copied once into
+    reused (pinned, on CUDA) host buffers that the encoder thread writes, a batch per pipe write. The host
+    only waits for the GPU when every buffer is taken, so it queues batch n+1 while batch n runs. Returns
+    the batch size used."""
+    from .device_blend import paste_faces
+    from .yuv import rgb_to_i420
+
+    total = int(windows.shape[0])
+    order = cycle_indices(avatar.n_frames, total)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    cuda = generator.device.type == "cuda"
+    yuv = writer.pix_fmt == "yuv420p"
+    out_q = _Channel(stop, maxsize=3)
+    free = _Channel(stop, maxsize=3)  # stop-aware: an encoder that died keeps its buffer; don't wait for it
+    for _ in range(3):  # three buffers: one filling, one being encoded, one spare
+        free.put(torch.empty((batch_size, *writer.frame_shape), dtype=torch.uint8, pin_memory=cuda))
+    latents = torch.from_numpy(avatar.latents).to(generator.device)
+
+    def encode_stage():
+        done = 0
+        while (item := out_q.get()) is not _END:
+            host, n, event = item
+            if event is not None:
+                event.synchronize()
+            with timer.stage("encode"):
+                writer.write_frames(host[:n].numpy())
+            free.put(host)
+            done += n
+            if on_progress:
+                on_progress(done, total)
+
+    batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
+
+    def model_stage():
+        for start, idx_np, faces in batches:
+            n = len(idx_np)
+            with timer.stage("blend", generator.device):
+                # frames[...] gathers a fresh copy, which the faces are pasted into
+                finished = paste_faces(frames[batches.order_on_latents[start:start + n]], faces, idx_np,
+                                       avatar, material)
+                if yuv:
+                    finished = rgb_to_i420(finished)
+            host = free.get()
+            host[:n].copy_(finished, non_blocking=cuda)
+            event = None
+            if cuda:  # on the stream the copy was queued on: the engine's device, not the current one
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(generator.device))
+            out_q.put((host, n, event))
+        out_q.put(_END)
+
+    encoder = threading.Thread(target=_guarded(encode_stage, errors, stop), name="render-encode", daemon=True)
+    encoder.start()
+    _guarded(model_stage, errors, stop)()
+    encoder.join()
+    if errors:
+        raise errors[0]
+    return batches.batch_size

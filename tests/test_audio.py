@@ -13,7 +13,7 @@ from musetalk_engine import audio
 from musetalk_engine.audio import (encoder_states, frame_count, frame_windows, load_audio, positional_encoding,
                                    window_starts)
 from musetalk_engine.errors import MediaError
-from musetalk_engine.render import FaceGenerator
+from musetalk_engine.face_generator import FaceGenerator
 from musetalk_engine.sample_media import make_speech
 
 pytest_plugins = ["tests.fixtures_engine"]

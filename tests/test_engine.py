@@ -25,8 +25,8 @@ from musetalk_engine.cycle import cycle_indices
 from musetalk_engine.device_blend import DeviceBlendMaterial
 from musetalk_engine.engine import Engine, EngineConfig, RenderResult
 from musetalk_engine.errors import MediaError, NoFaceError, ProcessingError
-from musetalk_engine.metrics import STAGES, StageTimer
-from musetalk_engine.pipeline import render_stream, render_stream_device
+from musetalk_engine.metrics import RENDER_STAGES, StageTimer
+from musetalk_engine.render import render_stream, render_stream_device
 from musetalk_engine.sample_media import astronaut_frame, make_speech
 from musetalk_engine.video import VideoWriter, decode_frames, probe_video
 from tests.media import (MARKER, ffprobe, image_files, lavfi_video, marked_avatar_video, media_duration,
@@ -114,7 +114,7 @@ def test_metrics_name_every_stage(cold):
     for stage in ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode"):
         assert stage in m["stage_times"], stage
         assert m["stage_times"][stage] >= 0
-    assert set(STAGES) <= set(m["stage_times"])
+    assert set(RENDER_STAGES) <= set(m["stage_times"])
     assert m["stage_times"]["prepare"] > 0 and m["stage_times"]["unet"] > 0
     assert m["frames"] == 50 and m["fps"] > 0
     assert m["peak_rss_kb"] > 0 and m["gpu_class"] == "cpu"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import musetalk_engine.accel as accel
+from musetalk_engine.face_generator import FaceGenerator
 from musetalk_engine.metrics import StageTimer
-from musetalk_engine.render import FaceGenerator
 from musetalk_engine.weights import ModelPaths, load_unet, load_vae
 from musetalk_engine.yuv import rgb_to_i420
 
@@ -141,7 +141,7 @@ class _FakeGraph:
 
 
 def test_graphs_are_kept_for_the_few_most_recent_batch_sizes_and_dropped_for_an_oom_retry(tiny_models, monkeypatch):
-    from musetalk_engine import render
+    from musetalk_engine import face_generator
 
     monkeypatch.setattr(accel, "GraphedUNet", _FakeGraph)
     monkeypatch.setattr(_FakeGraph, "captured", [])
@@ -150,7 +150,7 @@ def test_graphs_are_kept_for_the_few_most_recent_batch_sizes_and_dropped_for_an_
     for size in (8, 4, 2, 8, 1, 4):
         latents, audio = _inputs(size)
         gen.generate(latents, audio, batch_size=size)
-    assert _FakeGraph.captured == [8, 4, 2, 1, 4] and render.MAX_GRAPHS == 3
+    assert _FakeGraph.captured == [8, 4, 2, 1, 4] and face_generator.MAX_GRAPHS == 3
     assert list(gen._graphs) == [8, 1, 4]  # least recently used first: 4 made way for 1, then 2 for 4
     gen.release_fast_paths()
     assert not gen._graphs and gen.mode == "graphs"

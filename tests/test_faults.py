@@ -114,7 +114,7 @@ class KeyWatcher:
 CHILD = r"""
 import json, pathlib, sys, time
 marker, job = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
-from musetalk_engine.render import FaceGenerator
+from musetalk_engine.face_generator import FaceGenerator
 original = FaceGenerator.generate
 def slow(self, *args, **kwargs):  # a render long enough to be killed in the middle of
     marker.touch()
