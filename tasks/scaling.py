@@ -110,7 +110,7 @@ class Candidate(BaseModel):
 
     class_id: str
     name: str
-    container_group: str
+    container_group: Optional[str] = None  # None where only the class is ranked (routing, estimates)
     fps: float
     real_time_factor: float
     price_per_hour: Optional[float] = None
@@ -140,7 +140,7 @@ class ScalingDecision(BaseModel):
 
 def _candidate(
     entry: Mapping[str, Any],
-    group: str,
+    group: Optional[str],
     prices: Optional[Mapping[str, float]],
 ) -> Optional[Candidate]:
     bench = entry.get("benchmark") or {}
@@ -173,6 +173,37 @@ def desired_count(queue_length: int, policy: ScalingPolicy) -> int:
     """clamp(ceil(queue_length / jobs_per_replica), min, max)."""
     want = math.ceil(max(0, queue_length) / policy.jobs_per_replica)
     return max(policy.min_replicas, min(policy.max_replicas, want))
+
+
+def measured_classes(
+    targets: list[Mapping[str, Any]],
+    prices: Optional[Mapping[str, float]] = None,
+    target_rtf: float = 1.0,
+) -> list[Candidate]:
+    """Every Salad class (an id, not local) with a benchmark, cheapest per output minute first (rule 2).
+
+    `meets_target` marks the classes with real_time_factor ≤ target_rtf. The routing policy and the
+    estimate read the same ranking, so `auto` and `/v1/avatar/estimate` name the same class.
+    """
+    out = []
+    for entry in targets:
+        if not entry.get("id") or entry.get("local"):
+            continue
+        cand = _candidate(entry, None, prices)
+        if cand is None:
+            continue
+        cand.meets_target = cand.real_time_factor <= target_rtf
+        out.append(cand)
+    return sorted(out, key=_rank_key)
+
+
+def cheapest_salad_class(
+    targets: list[Mapping[str, Any]],
+    prices: Optional[Mapping[str, float]] = None,
+    target_rtf: float = 1.0,
+) -> Optional[Candidate]:
+    """The class `auto` routes Salad work to: the cheapest measured class meeting target_rtf, or None."""
+    return next((c for c in measured_classes(targets, prices, target_rtf) if c.meets_target), None)
 
 
 def decide_scaling(

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from benchmarks.chart import plot_targets
 from benchmarks.schema import BenchmarkResult, SweepEntry, json_schema
 from benchmarks.targets import (
+    benchmark_summary,
     match_class,
     merge_results,
     normalise_gpu_name,
@@ -251,3 +252,13 @@ def test_chart_without_results(tmp_path: Path, targets) -> None:
     png = plot_targets(targets, tmp_path / "empty.png")
     with Image.open(png) as img:
         assert img.size == (1200, 600)
+
+
+def test_summary_records_the_fixed_per_job_overhead() -> None:
+    """job_overhead_s = warm job wall − streamed render (what the estimate adds once per job)."""
+    result = make_result()
+    assert benchmark_summary(result, None)["job_overhead_s"] == 0.0  # no job wall measured: none known
+    entry = SweepEntry.from_measurements(batch_size=16, mode="graphs", frames=250, output_fps=25.0,
+                                         end_to_end_s=5.0, model_only_s=2.5, floor_s=2.0, warm_wall_s=7.5)
+    result = result.model_copy(update={"sweep": [entry]})
+    assert benchmark_summary(result, None)["job_overhead_s"] == pytest.approx(2.5)
