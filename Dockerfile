@@ -58,6 +58,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MUSETALK_CACHE_DIR=/app/cache \
     PREFECT_HOME=/app/.prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1 \
+    PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS=false \
+    PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY=false \
     PORT=8000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

@@ -79,7 +79,9 @@ def _process_start() -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from tasks.logs import configure_logging
+
+    configure_logging(logging.INFO)  # before the benchmark imports Prefect (telemetry off, one log format)
     from benchmarks.run import BenchmarkConfig, run_benchmark, write_result
 
     if args.config is not None:

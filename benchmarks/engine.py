@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from tasks.logs import configure_logging
+
+    configure_logging(logging.WARNING)
     report = run(args.models, args.seconds, args.width, args.height, args.batch_size, args.device)
     json.dump(report, sys.stdout, indent=2)
     print()

@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import configure_logging
+
+    configure_logging(logging.INFO)  # first: before anything imports Prefect (telemetry off, one log format)
     args = build_parser().parse_args(argv)
     from musetalk_engine.errors import MuseTalkError
 

@@ -504,18 +504,21 @@ def make_server(app: FastAPI, *, log_level: str = "info"):
 
     # uvicorn waits for open requests past the grace period, until an abandoned job's 503 has gone out
     graceful = int(service.options.musetalk_shutdown_grace_sec + ABANDON_WAIT_SEC) + 5
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful)
+    # log_config=None: uvicorn's records go to the process's one configuration (tasks/logs.py)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful,
+                            log_config=None)
     return DrainingServer(config)
 
 
 def serve(host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> int:
     """Run the worker until SIGTERM/SIGINT (``musetalk-flow serve``)."""
-    from tasks.settings import install_redaction
+    from tasks.logs import configure_logging
 
+    configure_logging(log_level.upper())
     sock = bind_socket(host, port)
     app = create_app()
     server = make_server(app, log_level=log_level)
-    install_redaction()  # after uvicorn configured its loggers, so their handlers get the filter too
+    configure_logging(log_level.upper())  # again: importing Prefect gave uvicorn's loggers a console of their own
     log.info("serving on %s:%d (buffer mode %s)", host, port,
              "on" if app.state.service.buffer is not None else "off")
     server.run(sockets=[sock])

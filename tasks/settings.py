@@ -19,7 +19,7 @@ import logging
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     musetalk_max_download_mb: float = Field(500.0, gt=0)
     musetalk_max_audio_sec: float = Field(600.0, gt=0)
     musetalk_max_video_sec: float = Field(600.0, gt=0)
+    # Input picture size, either orientation (4K UHD by default: 3840x2160 and 2160x3840 pass, DCI 4K
+    # 4096x2160 does not); larger inputs are a 422 before any preparation (one 4K frame already takes
+    # over a minute to prepare on a CPU).
+    musetalk_max_input_long_side: int = Field(3840, ge=16)
+    musetalk_max_input_short_side: int = Field(2160, ge=16)
+    # The HTTP front door (deployments/serve.py): a body over this is 413; a field over its limit is 422.
+    musetalk_max_request_bytes: int = Field(64 * 1024, ge=1024)
+    musetalk_max_url_chars: int = Field(8192, ge=64)
     # Wall-clock budget for one input download, all attempts included.
     musetalk_download_timeout_sec: float = Field(300.0, gt=0)
     # First retry delay of a download (doubles per attempt); tests set it near zero.
@@ -90,6 +98,10 @@ class Settings(BaseSettings):
     musetalk_webhook_secret: SecretStr | None = None
     # First delay between webhook attempts (doubles per attempt, 5 attempts); tests set it near zero.
     musetalk_webhook_retry_base_sec: float = Field(1.0, ge=0)
+
+    # --- logging (tasks/logs.py): text or one JSON object per line; longer messages are cut
+    musetalk_log_format: Literal["text", "json"] = "text"
+    musetalk_log_max_chars: int = Field(4000, ge=200)
 
     # --- engine knobs
     musetalk_landmarks: str = "auto"

@@ -8,7 +8,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _home = tempfile.mkdtemp(prefix="musetalk-flow-prefect-")
 os.environ.setdefault("PREFECT_HOME", _home)
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's telemetry off, as every entry point does (tasks/logs.py); set before anything imports prefect
+from tasks.logs import disable_telemetry  # noqa: E402
+
+disable_telemetry()
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 # Prefect reads its settings at import, so this must be set here: the temporary server needs more than
 # the default 20 s to start on a loaded 2-core CI machine.
