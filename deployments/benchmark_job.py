@@ -26,10 +26,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from benchmarks.run import BenchmarkConfig
-from deployments.outcomes import failed_body
-from flows.generate import JobOutcome
 from musetalk_engine.errors import MediaError
-from tasks.job import describe_errors, failure_body
+from tasks.contract import JobOutcome, describe_errors, failure_body, processing_failure
 from tasks.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -113,10 +111,10 @@ def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float,
     try:
         result = run_in_child(config, timeout_s)
     except TimeoutError as exc:
-        return JobOutcome(http_status=500, body=failed_body(str(exc), stage="inference",
-                                                            details={"reason": "timeout"}))
+        return JobOutcome(http_status=500, body=processing_failure(str(exc), stage="inference",
+                                                                   details={"reason": "timeout"}))
     except Exception as exc:  # noqa: BLE001 — a failed measurement is a worker fault; another may succeed
         message = redact(str(exc))[:500]  # the child's stderr could carry anything
         log.error("benchmark job failed: %s", message)
-        return JobOutcome(http_status=500, body=failed_body(message, stage="inference"))
+        return JobOutcome(http_status=500, body=processing_failure(message, stage="inference"))
     return JobOutcome(http_status=200, body={"status": "ok", "result": result})

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Protocol
 
-from deployments.outcomes import failed_body
+from tasks.contract import processing_failure
 from tasks.progress import OrchestratorClient
 from tasks.settings import Settings, redact
 
@@ -222,8 +222,8 @@ class BufferLoop:
             # started: it is the render thread's current job, the one the service's stuck() measures
             if ticket.started is not None and self._stuck():
                 self._note(f"buffer job {buffer_job_id}", RuntimeError("render stuck past its timeout"))
-                self.report(buffer_job_id, 500, failed_body("the render is stuck past MUSETALK_JOB_TIMEOUT_SEC",
-                                                            stage="inference"))
+                self.report(buffer_job_id, 500, processing_failure("the render is stuck past MUSETALK_JOB_TIMEOUT_SEC",
+                                                                   stage="inference"))
                 return None
 
     def report(self, buffer_job_id: str, http_status: int, body: dict[str, Any]) -> bool:
@@ -234,7 +234,7 @@ class BufferLoop:
                                       "metrics": body.get("metrics")}
         else:
             if http_status == 200:  # never report success without the file's location
-                body = failed_body("the job finished without an output_url", stage="upload")
+                body = processing_failure("the job finished without an output_url", stage="upload")
             error = {k: body.get(k) for k in ("error_type", "error_message", "stage", "retryable", "details")}
             kwargs = {"status": "failed", "error": error,
                       "metrics": {"stage_times": body.get("stage_times", {})}}

@@ -12,9 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from deployments.outcomes import unavailable
-from flows.generate import JobOutcome
-from tasks.job import failure_body
+from tasks.contract import JobOutcome, failure_outcome, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +190,8 @@ class RenderQueue:
             return unavailable("abandoned", "the worker shut down before the job finished", ticket.job_id)
         except BaseException as exc:  # noqa: BLE001 — the render thread must survive any job
             log.exception("job %s crashed the render call", ticket.job_id)
-            status, body = failure_body(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)),
-                                        {}, "inference")
-            return JobOutcome(http_status=status, body={**body, "musetalk_job_id": ticket.job_id})
+            return failure_outcome(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)),
+                                   stage="inference", job_id=ticket.job_id)
 
     def _finish(self, ticket: Ticket, outcome: JobOutcome) -> None:
         with self._cond:

@@ -45,15 +45,15 @@ from typing import Annotated, Any, Callable, Literal
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.benchmark_job import BenchmarkJob, run_benchmark_job
-from deployments.outcomes import outcome_from_state, timed_out, unavailable
 from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
-from flows.generate import JobOutcome, generate
-from musetalk_engine.errors import STAGES, MediaError
-from tasks.job import JobRequest, describe_errors, failure_body, progress_error
+from flows.generate import generate
+from musetalk_engine.errors import MediaError
+from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors, failure_body,
+                            failure_outcome, outcome_from_state, progress_error, timed_out, unavailable)
 from tasks.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,7 @@ class WorkerService:
             state = self._flow(job, queue_job_id, return_state=True)
         except Exception as exc:  # noqa: BLE001 — the flow could not run at all (e.g. Prefect API down)
             log.exception("job %s: the generate flow could not run", job_id)
-            status, body = failure_body(exc, {}, "preprocessing")
-            outcome, own = JobOutcome(http_status=status, body={**body, "musetalk_job_id": job_id}), False
+            outcome, own = failure_outcome(exc, stage="preprocessing", job_id=job_id), False
         else:
             outcome, own = outcome_from_state(state, self.job_timeout, job_id)
         if not own and job_id:
@@ -350,55 +349,6 @@ class WorkerService:
 # ----------------------------------------------------------------------------------------------- the app
 
 
-class GenerateRequest(JobRequest):
-    """``POST /generate`` body (DESIGN §4). Unknown fields are ignored."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "musetalk_job_id": "job-123", "video_url": "https://example.com/avatar.mp4",
-        "audio_url": "https://example.com/speech.wav", "aspect_ratio": "9:16", "resolution": "720p",
-        "params": {"batch_size": 16}}]})
-
-
-class GenerateMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    GENERATION_TIME_SEC: float
-    SCRIPT_WALL_TIME_SEC: float
-    PEAK_VRAM_MIB: float | None = None
-    PEAK_RAM_KB: int | None = None
-    gpu_class: str | None = None
-    stage_times: dict[str, float] = {}
-    total_time: float
-
-
-class GenerateOk(BaseModel):
-    """200: the result is stored; ``output_url`` is always present."""
-
-    model_config = ConfigDict(extra="allow")
-
-    status: Literal["ok"]
-    b2_bucket: str
-    b2_file_name: str
-    output_url: str
-    musetalk_job_id: str
-    metrics: GenerateMetrics
-
-
-class GenerateFailed(BaseModel):
-    """422 ``media_error`` (bad input, final) or 500/503 ``processing_error`` (worker fault; ``retryable``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    status: Literal["failed"]
-    error_type: Literal["media_error", "processing_error"]
-    error_message: str
-    stage: Literal[STAGES]  # type: ignore[valid-type]
-    details: dict[str, Any] = {}
-    retryable: bool
-    stage_times: dict[str, float] = {}
-    musetalk_job_id: str | None = None
-
-
 class HealthBody(BaseModel):
     status: Health
     detail: str | None = None
@@ -448,20 +398,20 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         status, body = service.health()
         return JSONResponse(body, status_code=status)
 
-    @app.post("/generate", response_model=GenerateOk, summary="Render one lip-sync job",
-              responses={422: {"model": GenerateFailed, "description": "bad input (media_error, final)"},
-                         500: {"model": GenerateFailed, "description": "worker fault (processing_error)"},
-                         503: {"model": GenerateFailed, "description": "not ready / busy / shutting down"}})
+    @app.post("/generate", response_model=JobSuccess, summary="Render one lip-sync job",
+              responses={422: {"model": JobFailure, "description": "bad input (media_error, final)"},
+                         500: {"model": JobFailure, "description": "worker fault (processing_error)"},
+                         503: {"model": JobFailure, "description": "not ready / busy / shutting down"}})
     async def generate_endpoint(
-            job: GenerateRequest,
+            job: JobRequest,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
         return _response(await service.take(job.model_dump(mode="json", exclude_unset=True), salad_job_id,
                                             job_id=job.musetalk_job_id))
 
     @app.post("/benchmark", summary="Measure this worker's GPU (a benchmark flow job, via Salad)",
-              responses={422: {"model": GenerateFailed, "description": "invalid benchmark request"},
-                         500: {"model": GenerateFailed, "description": "the measurement failed"},
-                         503: {"model": GenerateFailed, "description": "not ready / busy / shutting down"}})
+              responses={422: {"model": JobFailure, "description": "invalid benchmark request"},
+                         500: {"model": JobFailure, "description": "the measurement failed"},
+                         503: {"model": JobFailure, "description": "not ready / busy / shutting down"}})
     async def benchmark_endpoint(
             job: BenchmarkJob,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:

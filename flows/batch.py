@@ -32,10 +32,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.states import Failed
 
-from flows.generate import JobOutcome, run_job
+from flows.generate import run_job
 from tasks.engine import get_engine
 from tasks.fetch import display_url
-from tasks.job import failure_body
+from tasks.contract import JobOutcome, failure_outcome
 from tasks.storage import atomic_write
 from tasks.settings import get_settings
 
@@ -175,8 +175,8 @@ def outcome_row(index: int, job: dict[str, Any], outcome: JobOutcome, seconds: f
 def failed_rows(pairs: Sequence[tuple[int, dict[str, Any]]], exc: BaseException, stage: str,
                 share: str, worker: str | None = None) -> list[dict[str, Any]]:
     """Rows for jobs that could not run at all (engine did not load, child share lost)."""
-    status, body = failure_body(exc, {}, stage)
-    return [outcome_row(i, job, JobOutcome(http_status=status, body=body), 0.0, share, worker)
+    return [outcome_row(i, job, failure_outcome(exc, stage=stage, job_id=job.get("musetalk_job_id")), 0.0,
+                        share, worker)
             for i, job in pairs]
 
 

@@ -18,24 +18,16 @@ from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
-from pydantic import BaseModel
 
 from musetalk_engine import MODEL_VERSION
 from musetalk_engine.avatar import file_sha256
 from tasks.engine import get_engine
 from tasks.fetch import fetch_input, validate_input
-from tasks.job import JobRequest, failure_body, progress_error
+from tasks.contract import JobOutcome, JobRequest, failure_outcome, progress_error
 from tasks.media import audio_features, prepare_avatar, render, result_storage
 from tasks.progress import ProgressReporter
 from tasks.settings import get_settings
 from tasks.storage import build_sidecar, safe_job_id, storage_from_settings, upload_result
-
-
-class JobOutcome(BaseModel):
-    """What a caller of the flow gets: the HTTP status and the response body."""
-
-    http_status: int
-    body: dict[str, Any]
 
 
 class _Stages:
@@ -152,11 +144,10 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         logger.info("job %s done: %d frames in %.2fs", job.musetalk_job_id, m.frames, metrics["total_time"])
         return JobOutcome(http_status=200, body=body)
     except Exception as exc:  # every failure becomes the contract's body; nothing escapes as a crash
-        status, body = failure_body(exc, dict(stages.times), stages.current)
-        body["musetalk_job_id"] = job_id or None
-        reporter.fail(progress_error(body))
-        logger.warning("job %s failed at %s: %s", job_id, body["stage"], body["error_message"])
-        return JobOutcome(http_status=status, body=body)
+        outcome = failure_outcome(exc, stage=stages.current, job_id=job_id or None, stage_times=stages.times)
+        reporter.fail(progress_error(outcome.body))
+        logger.warning("job %s failed at %s: %s", job_id, outcome.body["stage"], outcome.body["error_message"])
+        return outcome
     finally:
         reporter.close()
 
@@ -168,9 +159,3 @@ def generate(job: dict[str, Any], queue_job_id: str | None = None):
     if outcome.http_status != 200:
         return Failed(message=outcome.body["error_message"], data=outcome.model_dump())
     return outcome.model_dump()
-
-
-def outcome_of(state) -> JobOutcome:
-    """The JobOutcome of a finished `generate` state (completed or failed with its body). A run that timed
-    out or crashed has none: this raises, and the caller decides (see deployments/serve.py)."""
-    return JobOutcome.model_validate(state.result(raise_on_failure=False))

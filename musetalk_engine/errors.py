@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGES = ("download", "validation", "preprocessing", "inference", "postprocessing", "upload")
+# The job contract's stages (DESIGN §4); an error's ``stage`` is one of them.
+JOB_STAGES = ("download", "validation", "preprocessing", "inference", "postprocessing", "upload")
 
 
 class MuseTalkError(Exception):

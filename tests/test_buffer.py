@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from deployments.buffer import BufferLoop, backoff_delay
-from flows.generate import JobOutcome
+from tasks.contract import JobOutcome
 from musetalk_engine.engine import Engine
 from tasks.progress import OrchestratorClient
 from tasks.settings import get_settings

@@ -121,8 +121,9 @@ def slow(self, *args, **kwargs):  # a render long enough to be killed in the mid
     time.sleep(0.4)
     return original(self, *args, **kwargs)
 FaceGenerator.generate = slow
-from flows.generate import generate, outcome_of
-print("outcome", outcome_of(generate(job, return_state=True)).http_status, flush=True)
+from flows.generate import generate
+from tasks.contract import JobOutcome
+print("outcome", JobOutcome.of_flow_state(generate(job, return_state=True)).http_status, flush=True)
 """
 
 

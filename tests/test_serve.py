@@ -153,7 +153,8 @@ def second_worker(env, **options: Any) -> Iterator[tuple[str, Any, uvicorn.Serve
 
 def test_render_queue_is_fifo_bounded_and_can_abandon_a_job():
     """The render queue alone (no engine): one thread, arrival order, a bound, abandon at shutdown."""
-    from deployments.render_queue import JobOutcome, QueueClosed, QueueFull, RenderQueue
+    from deployments.render_queue import QueueClosed, QueueFull, RenderQueue
+    from tasks.contract import JobOutcome
 
     order: list[int] = []
     running = threading.Event()
@@ -207,9 +208,9 @@ def test_openapi_documents_the_contract(worker):
     assert {"/hc", "/generate"} <= set(schema["paths"])
     post = schema["paths"]["/generate"]["post"]
     assert {"200", "422", "500", "503"} <= set(post["responses"])
-    request = schema["components"]["schemas"]["GenerateRequest"]
+    request = schema["components"]["schemas"]["JobRequest"]
     assert {"musetalk_job_id", "video_url", "audio_url"} <= set(request["required"])
-    assert "output_url" in schema["components"]["schemas"]["GenerateOk"]["required"]
+    assert "output_url" in schema["components"]["schemas"]["JobSuccess"]["required"]
 
 
 @pytest.mark.parametrize("content, fragment", [
