@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.numpy import load_file, save_file
 
+from .blend import BLUR_FACTOR
 from .errors import MediaError, NoFaceError
 from .facebox import EXTRA_MARGIN, Box, face_box, fill_missing
 from .video import VideoInfo, decode_frames, probe_video
@@ -28,7 +29,7 @@ from .weights import VAE_SCALING_FACTOR
 
 FACE_SIZE = 256
 MODEL_FPS = 25.0
-AVATAR_FORMAT = 2  # 2: latents stored in C order (format 1 files hold them scrambled)
+AVATAR_FORMAT = 3  # 3: float32 latents (2 held float16: fp32 renders differed by up to 4 levels); 2: C order
 
 
 class PrepareParams(BaseModel):
@@ -40,6 +41,7 @@ class PrepareParams(BaseModel):
     left_cheek_width: int = Field(90, ge=0, le=256)
     right_cheek_width: int = Field(90, ge=0, le=256)
     expand: float = Field(1.5, ge=1.0, le=3.0)
+    blur_factor: float = Field(BLUR_FACTOR, ge=0.0, le=0.5)  # mask feathering, × crop width
     landmarks: str = "auto"
 
 
@@ -66,7 +68,7 @@ class Avatar:
     height: int
     boxes: np.ndarray  # [N, 4] int32 face boxes (x1, y1, x2, y2)
     crop_boxes: np.ndarray  # [N, 4] int32 blend crop boxes, may reach outside the frame
-    latents: np.ndarray  # [N, 8, 32, 32] float16
+    latents: np.ndarray  # [N, 8, 32, 32] float32
     masks: list[np.ndarray]  # N uint8 masks, each the size of its crop box
     face_found: np.ndarray  # [N] bool: False where the box was borrowed from a neighbour
     params: dict = field(default_factory=dict)
@@ -82,7 +84,7 @@ class Avatar:
         shapes = np.array([m.shape for m in self.masks], dtype=np.int32)
         tensors = {
             "boxes": self.boxes.astype(np.int32), "crop_boxes": self.crop_boxes.astype(np.int32),
-            "latents": self.latents.astype(np.float16), "face_found": self.face_found.astype(np.uint8),
+            "latents": self.latents.astype(np.float32), "face_found": self.face_found.astype(np.uint8),
             "mask_shapes": shapes, "mask_data": np.concatenate([m.ravel() for m in self.masks]),
         }
         # safetensors writes an array's memory as it lies: a strided view (the VAE's output is one) would
@@ -206,8 +208,10 @@ def prepare_avatar(video: Path, *, analyzer, parser, vae, device: torch.device, 
     for chunk in _chunks(decode_frames(video, params.fps, info), batch_size):
         chunk_boxes = boxes[start:start + len(chunk)]
         faces = np.stack([crop_face(f, b) for f, b in zip(chunk, chunk_boxes)])
-        latents.append(encode_latents(faces, vae, device, dtype).to("cpu", torch.float16).numpy())
-        for mask, crop in prepare_blend_material(chunk, chunk_boxes, parser, expand=params.expand):
+        # kept at full precision: the UNet reads them at the render's dtype, which may be float32
+        latents.append(encode_latents(faces, vae, device, dtype).to("cpu", torch.float32).numpy())
+        for mask, crop in prepare_blend_material(chunk, chunk_boxes, parser, expand=params.expand,
+                                                 blur_factor=params.blur_factor):
             masks.append(mask)
             crop_boxes.append(crop)
         start += len(chunk)

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # blending itself needs only numpy + cv2
 
 Box = tuple[int, int, int, int]
 
+# Feathering width as a fraction of the crop's width. MuseTalk v1.5's `inference.py` (the script the old
+# worker ran) blurs with 0.05; its realtime script's precomputed path uses 0.1. The default follows the
+# one whose output the fleet's users know.
+BLUR_FACTOR = 0.05
+
 
 def expanded_crop_box(face_box: Sequence[int], expand: float = 1.5) -> Box:
     """Square of half side ``int(max(w, h) // 2 * expand)`` around the box centre (MuseTalk's rule)."""
@@ -46,17 +51,15 @@ def crop_with_padding(frame: np.ndarray, box: Sequence[int]) -> np.ndarray:
     return out
 
 
-def feather_kernel_size(crop_width: int, blur_factor: float = 0.1) -> int:
+def feather_kernel_size(crop_width: int, blur_factor: float = BLUR_FACTOR) -> int:
     """Odd Gaussian kernel side: ``int(blur_factor * w // 2 * 2) + 1`` (MuseTalk's formula)."""
     return int(blur_factor * crop_width // 2 * 2) + 1
 
 
 def blend_mask(parse_mask: np.ndarray, face_box: Sequence[int], crop_box: Sequence[int],
-               upper_boundary_ratio: float = 0.5, blur_factor: float = 0.1) -> np.ndarray:
-    """Crop-size uint8 alpha: parse mask kept inside the face box and below ``upper_boundary_ratio``, feathered.
-
-    ``blur_factor`` 0.1 is MuseTalk's precomputed-avatar path (the one-shot ``get_image`` uses 0.05).
-    """
+               upper_boundary_ratio: float = 0.5, blur_factor: float = BLUR_FACTOR) -> np.ndarray:
+    """Crop-size uint8 alpha: parse mask kept inside the face box and below ``upper_boundary_ratio``, feathered
+    with a Gaussian ``blur_factor`` × the crop's width wide (see :data:`BLUR_FACTOR`)."""
     cx0, cy0, cx1, cy1 = (int(v) for v in crop_box)
     h, w = cy1 - cy0, cx1 - cx0
     if parse_mask.shape[:2] != (h, w):
@@ -75,7 +78,7 @@ def blend_mask(parse_mask: np.ndarray, face_box: Sequence[int], crop_box: Sequen
 
 def prepare_blend_material(frames: Sequence[np.ndarray], face_boxes: Sequence[Sequence[int]], parser: FaceParser,
                            expand: float = 1.5, upper_boundary_ratio: float = 0.5,
-                           blur_factor: float = 0.1) -> list[tuple[np.ndarray, Box]]:
+                           blur_factor: float = BLUR_FACTOR) -> list[tuple[np.ndarray, Box]]:
     """Per frame ``(alpha mask, crop box)``; the expanded crops are parsed in batches."""
     if len(frames) != len(face_boxes):
         raise ValueError(f"{len(frames)} frames but {len(face_boxes)} face boxes")

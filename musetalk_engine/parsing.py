@@ -365,12 +365,15 @@ class FaceParser:
         return out
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per image a uint8 {0,255} mask at the image's own size, built by ``self.mode``."""
+        """Per image a uint8 mask at the image's own size, built by ``self.mode`` ({0,255} at 512², with
+        bicubic edges at any other size)."""
         result = []
         for image, lab in zip(images, self.labels(images)):
             m = mask_from_labels(lab, self.mode, self.left_cheek_width, self.right_cheek_width, _cheek=self._cheek)
             h, w = image.shape[:2]
             if (h, w) != m.shape:
-                m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+                # MuseTalk resizes its 512² 'L' mask with PIL's default filter, bicubic: the soft edge it
+                # leaves is part of the feathered mask (nearest-neighbour changed ~9 % of its pixels)
+                m = np.asarray(Image.fromarray(m, "L").resize((w, h), Image.BICUBIC))
             result.append(m)
         return result

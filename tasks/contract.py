@@ -39,6 +39,7 @@ class JobParams(BaseModel):
     parsing_mode: str = PrepareParams.model_fields["parsing_mode"]
     left_cheek_width: int = PrepareParams.model_fields["left_cheek_width"]
     right_cheek_width: int = PrepareParams.model_fields["right_cheek_width"]
+    blur_factor: float = PrepareParams.model_fields["blur_factor"]
     fps: float = PrepareParams.model_fields["fps"]
     keep_source_size: bool = False  # ignore aspect_ratio/resolution and keep the source frame
 

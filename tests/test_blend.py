@@ -45,8 +45,8 @@ def test_crop_with_padding_zero_fills_outside():
 
 
 def test_feather_kernel_size():
-    assert [feather_kernel_size(w) for w in (5, 200, 256, 300, 315)] == [1, 21, 25, 31, 31]
-    assert feather_kernel_size(300, 0.05) == 15
+    assert [feather_kernel_size(w, 0.1) for w in (5, 200, 256, 300, 315)] == [1, 21, 25, 31, 31]
+    assert [feather_kernel_size(w) for w in (5, 200, 256, 300, 315)] == [1, 11, 13, 15, 15]  # 0.05
 
 
 def test_blend_mask_keeps_face_box_lower_half_and_feathers():

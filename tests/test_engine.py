@@ -146,8 +146,29 @@ def test_avatar_key_covers_video_params_and_weights():
     assert base == avatar_key("a" * 64, PrepareParams(), "fp1")
     others = {avatar_key("b" * 64, PrepareParams(), "fp1"), avatar_key("a" * 64, PrepareParams(), "fp2"),
               avatar_key("a" * 64, PrepareParams(extra_margin=12), "fp1"),
-              avatar_key("a" * 64, PrepareParams(parsing_mode="raw"), "fp1")}
-    assert base not in others and len(others) == 4
+              avatar_key("a" * 64, PrepareParams(parsing_mode="raw"), "fp1"),
+              avatar_key("a" * 64, PrepareParams(blur_factor=0.1), "fp1")}
+    assert base not in others and len(others) == 5
+
+
+def test_avatar_format_3_keys_differ_from_format_2(monkeypatch):
+    """Float32 latents came with format 3: a format-2 (float16) cache entry is never found again."""
+    import musetalk_engine.avatar as avatar_mod
+
+    new = avatar_key("a" * 64, PrepareParams(), "fp1")
+    monkeypatch.setattr(avatar_mod, "AVATAR_FORMAT", 2)
+    assert avatar_mod.AVATAR_FORMAT == 2 and avatar_key("a" * 64, PrepareParams(), "fp1") != new
+
+
+def test_blur_width_defaults_to_musetalk_inference_and_reaches_the_job_params():
+    from musetalk_engine.blend import BLUR_FACTOR, feather_kernel_size
+    from tasks.contract import JobParams
+
+    assert BLUR_FACTOR == 0.05 and PrepareParams().blur_factor == 0.05  # MuseTalk v1.5 inference.py
+    assert feather_kernel_size(300) == 15
+    assert JobParams(blur_factor=0.1).prepare_params("auto").blur_factor == 0.1
+    with pytest.raises(ValueError):
+        JobParams(blur_factor=0.9)
 
 
 # --- inputs of other kinds --------------------------------------------------------------------------------
@@ -225,7 +246,8 @@ def test_device_blend_path_matches_the_cpu_path(engine, media, cached, tmp_path,
     """The device path (the CUDA default: tensor-op blend, I420 made on the device, a batch per pipe
     write) renders the video of the numpy path, here on the CPU. The blends are pinned to one level in
     test_blend; here the encoder's inputs differ (RGB vs I420), so x264 codes detail a little differently
-    (≈ 1.1 levels on average, as in test_yuv for identical frames)."""
+    (≈ 1.1 levels on average, as in test_yuv for identical frames; ≈ 1.55 with MuseTalk's narrower 0.05
+    feathering, whose sharper mask edge gives x264 more detail to code differently)."""
     assert engine.blend_on == "cpu"  # so ``cached`` went through the numpy blend
     monkeypatch.setattr(engine, "blend_on", "device")
     writers = []
@@ -236,7 +258,7 @@ def test_device_blend_path_matches_the_cpu_path(engine, media, cached, tmp_path,
     a = np.stack(list(decode_frames(cached.output, 25.0))).astype(np.int16)
     b = np.stack(list(decode_frames(dev.output, 25.0))).astype(np.int16)
     assert a.shape == b.shape == (10, media.height, media.width, 3)
-    assert np.abs(a - b).mean() < 1.5
+    assert np.abs(a - b).mean() < 2.0
     assert read_markers(dev.output) == list(range(10))
 
 
@@ -290,9 +312,10 @@ def test_an_encoder_failure_stops_the_render_instead_of_hanging(path):
 
 
 def test_avatar_round_trip_keeps_strided_latents(tmp_path):
-    """The VAE hands back latents as a strided view; the saved avatar must hold the same numbers."""
+    """The VAE hands back latents as a strided view; the saved avatar must hold the same numbers, at full
+    precision (float16 storage made fp32 renders differ from fresh latents by up to 4 levels)."""
     n = 3
-    latents = np.arange(n * 32 * 32 * 8, dtype=np.float16).reshape(n, 32, 32, 8).transpose(0, 3, 1, 2)
+    latents = (np.arange(n * 32 * 32 * 8, dtype=np.float32) / 7 + 1e-4).reshape(n, 32, 32, 8).transpose(0, 3, 1, 2)
     assert not latents.flags["C_CONTIGUOUS"]
     avatar = Avatar(video_sha256="x", fps=25.0, width=64, height=64,
                     boxes=np.array([[8, 8, 56, 56]] * n, np.int32),
@@ -300,5 +323,5 @@ def test_avatar_round_trip_keeps_strided_latents(tmp_path):
                     masks=[np.full((72, 72), i, np.uint8) for i in range(n)], face_found=np.ones(n, bool))
     avatar.save(tmp_path / "a")
     loaded = Avatar.load(tmp_path / "a")
-    assert np.array_equal(loaded.latents, latents)
+    assert loaded.latents.dtype == np.float32 and np.array_equal(loaded.latents, latents)
     assert all(np.array_equal(a, b) for a, b in zip(loaded.masks, avatar.masks))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from musetalk_engine.errors import MissingWeightsError
 from musetalk_engine.parsing import (
@@ -197,8 +198,25 @@ def test_parser_normalises_input_and_returns_masks_at_image_size():
     masks = parser.masks(images)
     assert [m.shape for m in masks] == [(100, 60), (512, 512)]
     assert masks[0].dtype == np.uint8
-    assert masks[0][:, :30].min() == 255 and masks[0][:, 30:].max() == 0
+    assert masks[0][:, :28].min() == 255 and masks[0][:, 32:].max() == 0  # a soft (bicubic) edge between
     expected = (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(net.last_input[0, :, 10, 10], expected)
     with pytest.raises(ValueError, match="RGB uint8"):
         parser.labels([np.zeros((10, 10), np.uint8)])
+
+
+@pytest.mark.parametrize("mode", ["jaw", "raw"])
+@pytest.mark.parametrize("size", [(100, 60), (333, 333), (700, 700)])
+def test_crop_size_mask_is_pils_bicubic_resize_of_the_512_mask(mode, size):
+    """MuseTalk's ``face_seg`` resizes the 512² 'L' mask to the crop with PIL's default filter (bicubic)."""
+    rng = np.random.default_rng(3)
+    lab = np.zeros((512, 512), np.uint8)
+    lab[180:470, 90:420] = SKIN
+    lab[330:400, 200:310] = UPPER_LIP
+    lab[rng.integers(0, 512, 400), rng.integers(0, 512, 400)] = NOSE  # speckle: many edges to resample
+    parser = FaceParser(FixedLabels(lab), mode=mode)
+    (mask,) = parser.masks([np.zeros((*size, 3), np.uint8)])
+    full = mask_from_labels(lab, mode)
+    expected = np.asarray(Image.fromarray(full, "L").resize((size[1], size[0]), Image.BICUBIC))
+    np.testing.assert_array_equal(mask, expected)
+    assert 0 < np.count_nonzero((mask > 0) & (mask < 255))  # edges are soft, as MuseTalk's are
