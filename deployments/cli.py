@@ -128,6 +128,37 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_salad(args) -> int:
+    """Create or update each GPU class's Salad queue and container group (idempotent)."""
+    import os
+
+    from tasks.salad import ENV_API_KEY, salad_client_from_env
+    from tasks.salad_provision import ProvisionConfig, provision, worker_environment
+    from tasks.scaling import read_targets
+
+    config = ProvisionConfig(image=args.image, cpu=args.cpu, memory_mb=args.memory_mb,
+                             environment=worker_environment())
+    targets = read_targets(args.targets)
+    # A dry run without credentials still prints the plan (everything to create).
+    client = salad_client_from_env() if (os.environ.get(ENV_API_KEY) or not args.dry_run) else None
+    try:
+        actions = provision(client, targets, config, dry_run=args.dry_run, class_ids=args.class_ids or None)
+    finally:
+        if client is not None:
+            client.close()
+    for a in actions:
+        extra = f" ({', '.join(a.changes)})" if a.changes else ""
+        print(f"{'would ' if args.dry_run and a.action in ('create', 'update') else ''}{a.action} "
+              f"{a.kind} {a.name} [{a.class_name}]{extra}{': ' + a.detail if a.detail else ''}")
+    if args.dry_run and actions:
+        from tasks.salad_provision import container_group_spec, redacted, salad_classes
+
+        first = next(e for e in salad_classes(targets) if str(e["id"]) == actions[0].class_id)
+        print(f"container group spec for {first['name']} (secrets shown as ***):")
+        print(json.dumps(redacted(container_group_spec(first, config)), indent=2))
+    return 1 if any(a.action == "error" for a in actions) else 0
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=Path("models"), help="models directory (released layout)")
     p.add_argument("--device", default="auto")
@@ -176,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--pool", default="gpu")
     dp.add_argument("--pool-limit", type=int, default=None, help="fleet-wide cap on concurrent runs")
     dp.set_defaults(func=cmd_deploy)
+
+    sa = sub.add_parser("salad", help="SaladCloud: provision each GPU class's job queue and container group")
+    sa.add_argument("action", choices=["provision"])
+    sa.add_argument("--image", required=True, help="worker image the container groups run")
+    sa.add_argument("--targets", default="gpu_targets.json", help="GPU classes (gpu_targets.json)")
+    sa.add_argument("--class", dest="class_ids", action="append", metavar="CLASS_ID",
+                    help="only this Salad GPU class id (repeatable)")
+    sa.add_argument("--cpu", type=int, default=4)
+    sa.add_argument("--memory-mb", type=int, default=24576)
+    sa.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    sa.set_defaults(func=cmd_salad)
     return parser
 
 

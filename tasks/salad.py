@@ -4,10 +4,10 @@ Every call carries the `Salad-Api-Key` header; the key is a `SecretStr` and neve
 exceptions, task parameters or results. Tasks build their client from the environment
 (`salad_client_from_env`), so no secret is ever a Prefect parameter.
 
-Retries: GET/PATCH/start/stop are idempotent and are retried (bounded, with backoff that honours
+Retries: GET/PATCH/DELETE/start/stop are idempotent and are retried (bounded, with backoff that honours
 `Retry-After`) on 429, 5xx and connection errors. Job creation is retried only on 429 and on failures to
 connect, where the server cannot have created the job; a 5xx there is raised, not repeated, so a job is
-never queued twice.
+never queued twice. Creating a queue or a container group follows the same rule.
 """
 
 from __future__ import annotations
@@ -125,6 +125,17 @@ class SaladClient:
     def stop(self, name: str) -> None:
         self._request("POST", self._project_path("containers", name, "stop"))
 
+    def create_container_group(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a new container group (see tasks.salad_provision for the spec). Not repeated on a 5xx:
+        provisioning reads the group back first, so a group that was created anyway is found next run."""
+        return self._request("POST", self._project_path("containers"), body=dict(spec), idempotent=False)
+
+    def update_container_group(self, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """PATCH a container group with a JSON merge patch (image, resources, probes, …)."""
+        return self._request(
+            "PATCH", self._project_path("containers", name), body=dict(patch), content_type=MERGE_PATCH
+        )
+
     def list_instances(self, name: str) -> list[dict[str, Any]]:
         body = self._request("GET", self._project_path("containers", name, "instances"))
         return list(body.get("instances", [])) if isinstance(body, dict) else list(body or [])
@@ -132,6 +143,16 @@ class SaladClient:
     # -- queues and jobs
     def get_queue(self, queue: str) -> dict[str, Any]:
         return self._request("GET", self._project_path("queues", queue))
+
+    def create_queue(
+        self, name: str, display_name: Optional[str] = None, description: Optional[str] = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if display_name is not None:
+            body["display_name"] = display_name
+        if description is not None:
+            body["description"] = description
+        return self._request("POST", self._project_path("queues"), body=body, idempotent=False)
 
     def get_queue_length(self, queue: str) -> int:
         """The queue's `current_queue_length` (jobs waiting)."""
@@ -161,6 +182,10 @@ class SaladClient:
     def get_job(self, queue: str, job_id: str) -> dict[str, Any]:
         """A queue job; `status` is one of pending|running|succeeded|cancelled|failed."""
         return self._request("GET", self._project_path("queues", queue, "jobs", job_id))
+
+    def cancel_job(self, queue: str, job_id: str) -> None:
+        """Cancel a queue job (DELETE): a pending job is never handed to a container."""
+        self._request("DELETE", self._project_path("queues", queue, "jobs", job_id))
 
     # -- plumbing
     def _project_path(self, *parts: str) -> str:
