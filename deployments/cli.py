@@ -124,7 +124,12 @@ def cmd_deploy(args) -> int:
 
     for name, deployment_id in deploy(args.pool, pool_limit=args.pool_limit).items():
         print(f"deployed {name} ({deployment_id}) to work pool {args.pool!r}")
+    from deployments.scale_schedule import CONTROL_POOL, INTERVAL_S, deploy_scale
+
+    scale_id = deploy_scale(CONTROL_POOL, targets_path=args.targets)
+    print(f"deployed scale/salad-autoscale ({scale_id}) every {INTERVAL_S:g} s to work pool {CONTROL_POOL!r}")
     print(f"start one worker per GPU: prefect worker start --pool {args.pool} --limit 1")
+    print(f"start the control-plane worker where SALAD_* are set: prefect worker start --pool {CONTROL_POOL}")
     return 0
 
 
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("deploy", help="create the GPU work pool, its queues and the generate/batch deployments")
     dp.add_argument("--pool", default="gpu")
     dp.add_argument("--pool-limit", type=int, default=None, help="fleet-wide cap on concurrent runs")
+    dp.add_argument("--targets", default="gpu_targets.json",
+                    help="GPU classes the scheduled scale flow sizes (path as the control worker sees it)")
     dp.set_defaults(func=cmd_deploy)
 
     sa = sub.add_parser("salad", help="SaladCloud: provision each GPU class's job queue and container group")

@@ -281,10 +281,16 @@ def read_queue_length(queue_name: str) -> int:
 
 
 @task(name="salad-replicas", **_TASK_OPTS)
-def read_replicas(container_groups: list[str]) -> dict[str, int]:
-    """Configured replica count of each container group."""
+def read_replicas(container_group: str) -> int:
+    """Configured replica count of a container group."""
     with salad_client_from_env() as client:
-        return {name: int(client.get_container_group(name).get("replicas", 0)) for name in container_groups}
+        return int(client.get_container_group(container_group).get("replicas", 0))
+
+
+def salad_configured(env: Optional[Mapping[str, str]] = None) -> bool:
+    """True when the Salad API key, organization and project are all set."""
+    env = os.environ if env is None else env
+    return all(env.get(n) for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT))
 
 
 @task(name="salad-set-replicas", **_TASK_OPTS)

@@ -1,24 +1,23 @@
-"""Autoscaling decision: which Salad GPU class serves the queue, and how many replicas.
+"""Salad classes, prices, and the autoscaling decision.
 
-Rule (pure, no I/O — `decide_scaling`):
+Each Salad GPU class has its own job queue and container group (tasks.salad_provision); a job's route
+(`salad:<class id>`) is fixed when it is submitted, by the ranking below (`cheapest_salad_class`). The
+scaler therefore sizes every class's group for that class's own demand.
 
-1. Qualifying classes have an id, a measured `benchmark` with real_time_factor ≤ target_rtf, and a
-   container group mapped to their id. Local (id-less) entries never qualify.
-2. The price per hour is `prices[class_id]` when given (today's price), else the price recorded with the
-   benchmark; cost per output minute = price / 60 × real_time_factor. Candidates are ranked by that cost,
-   ties → higher fps; a class with no known price ranks after every priced one (it is still usable when
-   nothing priced qualifies), among those → higher fps.
-3. The chosen group gets clamp(ceil(queue_length / jobs_per_replica), min_replicas, max_replicas); every
-   other mapped group goes to `others_min_replicas` (0 by default), so one class serves the queue at a time.
-4. No candidate → keep every current replica count unchanged and say why (never scale down blindly).
+Ranking (`measured_classes`): a class qualifies with an id (not local) and a measured `benchmark`; its
+price per hour is today's price (salad_prices.json, batch priority) when given, else the one recorded with
+the benchmark; cost per output minute = price / 60 × real_time_factor. Cheapest first, ties → higher fps;
+an unknown price ranks after every known one. `meets_target` marks real_time_factor ≤ the target.
 
-`run_scaling_pass` wires the rule to injected I/O (read queue, read replicas, write replicas) for the
-flow (Prefect tasks) and for tests (a client). `read_targets`/`read_prices` load gpu_targets.json and
-salad_prices.json here so that flows need not import `benchmarks/`.
+Demand of a class (`ClassDemand.demand`) = the larger of its Prefect runs that are not finished
+(Scheduled, Pending or Running in pool `salad`, work queue = class id: queued for dispatch or dispatched
+and not done, each needing a container) and the Salad queue's `current_queue_length` (waiting jobs,
+which also counts work queued in Salad by anything but the orchestrator). The orchestrator's own jobs
+appear in both counts, so the larger one is taken rather than the sum.
 
-`changes()` lists only the groups whose replica count differs from the current one, so an unchanged
-group is never PATCHed. Known limit: the queue length counts waiting jobs only; the scale-down to
-`min_replicas` may stop instances whose running jobs Salad then re-queues (jobs are idempotent per id).
+Rule (pure, `decide_fleet`): desired = clamp(ceil(demand / jobs_per_replica), min_replicas, max_replicas)
+per class. A class whose demand or replica count could not be read keeps its current count (never scale
+blindly). Only groups whose count changes are PATCHed.
 """
 
 from __future__ import annotations
@@ -96,21 +95,18 @@ def read_prices(path: PathLike) -> PriceList:
 
 
 class ScalingPolicy(BaseModel):
-    """Bounds and target of the scaler."""
+    """Bounds of the scaler, per class."""
 
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int = Field(default=10, ge=0)
-    jobs_per_replica: int = Field(default=2, ge=1, description="waiting jobs one replica should absorb")
-    target_rtf: float = Field(default=1.0, gt=0, description="max wall seconds per output second")
-    others_min_replicas: int = Field(default=0, ge=0)
+    jobs_per_replica: int = Field(default=1, ge=1, description="unfinished jobs one replica should absorb")
 
 
 class Candidate(BaseModel):
-    """A class considered by the decision, with the numbers it was ranked on."""
+    """A measured class, with the numbers it is ranked on."""
 
     class_id: str
     name: str
-    container_group: Optional[str] = None  # None where only the class is ranked (routing, estimates)
     fps: float
     real_time_factor: float
     price_per_hour: Optional[float] = None
@@ -118,31 +114,7 @@ class Candidate(BaseModel):
     meets_target: bool = False
 
 
-class ScalingDecision(BaseModel):
-    """What the scaler wants, and why."""
-
-    queue_length: int
-    chosen_class_id: Optional[str] = None
-    chosen_class_name: Optional[str] = None
-    container_group: Optional[str] = None
-    desired_replicas: dict[str, int] = Field(default_factory=dict)
-    reason: str
-    candidates: list[Candidate] = Field(default_factory=list)
-
-    def changes(self, current_replicas: Mapping[str, int]) -> dict[str, int]:
-        """Groups whose desired count differs from the current one (what to PATCH)."""
-        return {
-            group: n
-            for group, n in self.desired_replicas.items()
-            if current_replicas.get(group) != n
-        }
-
-
-def _candidate(
-    entry: Mapping[str, Any],
-    group: Optional[str],
-    prices: Optional[Mapping[str, float]],
-) -> Optional[Candidate]:
+def _candidate(entry: Mapping[str, Any], prices: Optional[Mapping[str, float]]) -> Optional[Candidate]:
     bench = entry.get("benchmark") or {}
     try:
         rtf = float(bench["real_time_factor"])
@@ -156,7 +128,6 @@ def _candidate(
     return Candidate(
         class_id=entry["id"],
         name=entry["name"],
-        container_group=group,
         fps=fps,
         real_time_factor=rtf,
         price_per_hour=None if price is None else float(price),
@@ -169,27 +140,21 @@ def _rank_key(c: Candidate) -> tuple[int, float, float]:
     return (1 if unknown else 0, 0.0 if unknown else c.cost_per_output_minute, -c.fps)
 
 
-def desired_count(queue_length: int, policy: ScalingPolicy) -> int:
-    """clamp(ceil(queue_length / jobs_per_replica), min, max)."""
-    want = math.ceil(max(0, queue_length) / policy.jobs_per_replica)
-    return max(policy.min_replicas, min(policy.max_replicas, want))
-
-
 def measured_classes(
     targets: list[Mapping[str, Any]],
     prices: Optional[Mapping[str, float]] = None,
     target_rtf: float = 1.0,
 ) -> list[Candidate]:
-    """Every Salad class (an id, not local) with a benchmark, cheapest per output minute first (rule 2).
+    """Every Salad class (an id, not local) with a benchmark, cheapest per output minute first.
 
-    `meets_target` marks the classes with real_time_factor ≤ target_rtf. The routing policy and the
-    estimate read the same ranking, so `auto` and `/v1/avatar/estimate` name the same class.
+    The routing policy and the estimate read the same ranking, so `auto` and `/v1/avatar/estimate`
+    name the same class.
     """
     out = []
     for entry in targets:
         if not entry.get("id") or entry.get("local"):
             continue
-        cand = _candidate(entry, None, prices)
+        cand = _candidate(entry, prices)
         if cand is None:
             continue
         cand.meets_target = cand.real_time_factor <= target_rtf
@@ -206,89 +171,79 @@ def cheapest_salad_class(
     return next((c for c in measured_classes(targets, prices, target_rtf) if c.meets_target), None)
 
 
-def decide_scaling(
-    queue_length: int,
-    targets: list[Mapping[str, Any]],
-    *,
-    container_groups: Mapping[str, str],
-    current_replicas: Mapping[str, int],
-    min_replicas: int = 0,
-    max_replicas: int = 10,
-    jobs_per_replica: int = 2,
-    target_rtf: float = 1.0,
-    prices: Optional[Mapping[str, float]] = None,
-    others_min_replicas: int = 0,
-) -> ScalingDecision:
-    """Pick the cheapest class that meets `target_rtf` and size its group for the queue (see module doc)."""
-    policy = ScalingPolicy(
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        jobs_per_replica=jobs_per_replica,
-        target_rtf=target_rtf,
-        others_min_replicas=others_min_replicas,
-    )
+def desired_count(demand: int, policy: ScalingPolicy) -> int:
+    """clamp(ceil(demand / jobs_per_replica), min, max)."""
+    want = math.ceil(max(0, demand) / policy.jobs_per_replica)
+    return max(policy.min_replicas, min(policy.max_replicas, want))
+
+
+class ClassDemand(BaseModel):
+    """What one class has to do; None where a count could not be read."""
+
+    class_id: str
+    name: str
+    queue: str
+    container_group: str
+    prefect_runs: Optional[int] = None
+    salad_waiting: Optional[int] = None
+    error: Optional[str] = None
+
+    @property
+    def demand(self) -> Optional[int]:
+        if self.error or (self.prefect_runs is None and self.salad_waiting is None):
+            return None
+        return max(self.prefect_runs or 0, self.salad_waiting or 0)
+
+
+class ClassScale(BaseModel):
+    """The decision for one class's container group."""
+
+    class_id: str
+    name: str
+    container_group: str
+    prefect_runs: Optional[int]
+    salad_waiting: Optional[int]
+    demand: Optional[int]
+    current: Optional[int]
+    desired: Optional[int]
+    reason: str
+
+
+def decide_fleet(
+    demands: list[ClassDemand],
+    current_replicas: Mapping[str, Optional[int]],
+    policy: ScalingPolicy,
+) -> list[ClassScale]:
+    """Size each class's group for its demand (see the module doc); pure."""
     if policy.min_replicas > policy.max_replicas:
         raise ValueError("min_replicas must not exceed max_replicas")
+    out = []
+    for d in demands:
+        current = current_replicas.get(d.container_group)
+        demand = d.demand
+        if demand is None or current is None:
+            why = d.error or "replica count unreadable"
+            desired, reason = current, f"{why}; keeping the current count"
+        else:
+            desired = desired_count(demand, policy)
+            reason = (f"{demand} unfinished job(s) / {policy.jobs_per_replica} per replica → {desired} "
+                      f"(bounds {policy.min_replicas}..{policy.max_replicas})")
+        out.append(ClassScale(class_id=d.class_id, name=d.name, container_group=d.container_group,
+                              prefect_runs=d.prefect_runs, salad_waiting=d.salad_waiting, demand=demand,
+                              current=current, desired=desired, reason=reason))
+    return out
 
-    considered: list[Candidate] = []
-    too_slow: list[str] = []
-    for entry in targets:
-        class_id = entry.get("id")
-        if not class_id or entry.get("local") or class_id not in container_groups:
-            continue
-        cand = _candidate(entry, container_groups[class_id], prices)
-        if cand is None:
-            continue
-        cand.meets_target = cand.real_time_factor <= policy.target_rtf
-        considered.append(cand)
-        if not cand.meets_target:
-            too_slow.append(f"{cand.name} (rtf {cand.real_time_factor:.2f})")
 
-    qualifying = sorted((c for c in considered if c.meets_target), key=_rank_key)
-    if not qualifying:
-        why = (
-            f"no class with a container group and a benchmark meets rtf ≤ {policy.target_rtf:g}"
-            + (f"; too slow: {', '.join(too_slow)}" if too_slow else "")
-            + "; keeping current replicas"
-        )
-        return ScalingDecision(
-            queue_length=queue_length,
-            desired_replicas=dict(current_replicas),
-            reason=why,
-            candidates=considered,
-        )
-
-    chosen = qualifying[0]
-    n = desired_count(queue_length, policy)
-    desired = {group: policy.others_min_replicas for group in container_groups.values()}
-    desired[chosen.container_group] = n
-    cost = (
-        f"{chosen.cost_per_output_minute * 100:.3f}¢/output min"
-        if chosen.cost_per_output_minute is not None
-        else "price unknown"
-    )
-    reason = (
-        f"{chosen.name}: cheapest of {len(qualifying)} class(es) meeting rtf ≤ {policy.target_rtf:g} "
-        f"(rtf {chosen.real_time_factor:.2f}, {chosen.fps:.0f} fps, {cost}); queue {queue_length} / "
-        f"{policy.jobs_per_replica} per replica → {n} replica(s) "
-        f"(bounds {policy.min_replicas}..{policy.max_replicas})"
-    )
-    return ScalingDecision(
-        queue_length=queue_length,
-        chosen_class_id=chosen.class_id,
-        chosen_class_name=chosen.name,
-        container_group=chosen.container_group,
-        desired_replicas=desired,
-        reason=reason,
-        candidates=considered,
-    )
+def fleet_changes(decisions: list[ClassScale]) -> dict[str, int]:
+    """Groups whose desired count differs from the current one (what to PATCH)."""
+    return {d.container_group: d.desired for d in decisions
+            if d.desired is not None and d.current is not None and d.desired != d.current}
 
 
 class ScalePass(BaseModel):
     """The outcome of one scaling pass."""
 
-    decision: ScalingDecision
-    current_replicas: dict[str, int]
+    decisions: list[ClassScale]
     changes: dict[str, int]
     applied: dict[str, int]
     dry_run: bool
@@ -296,86 +251,69 @@ class ScalePass(BaseModel):
 
 def run_scaling_pass(
     *,
-    queue_name: str,
-    container_groups: Mapping[str, str],
-    targets: list[Mapping[str, Any]],
+    classes: list[ClassDemand],
+    read_prefect_runs: Callable[[list[str]], dict[str, int]],
     read_queue_length: Callable[[str], int],
-    read_replicas: Callable[[list[str]], dict[str, int]],
+    read_replicas: Callable[[str], int],
     write_replicas: Callable[[str, int], int],
+    policy: ScalingPolicy,
     dry_run: bool = True,
-    prices: Optional[Mapping[str, float]] = None,
-    **policy: Any,
 ) -> ScalePass:
-    """Read the queue and replicas, decide, and (unless dry_run) write only the changed groups.
+    """Read every class's demand and replicas, decide, and (unless dry_run) PATCH the changed groups.
 
-    The three I/O operations are injected: the flow passes its Prefect tasks, tests a client's methods.
-    `policy` takes decide_scaling's keyword bounds (min_replicas, max_replicas, jobs_per_replica, …).
+    `classes` name each class's queue and group (counts unset). The I/O is injected: the flow passes
+    Prefect tasks, tests plain functions. A failed read of one class is recorded on that class only.
     """
-    queue_length = read_queue_length(queue_name)
-    current = read_replicas(sorted(set(container_groups.values())))
-    decision = decide_scaling(
-        queue_length,
-        targets,
-        container_groups=container_groups,
-        current_replicas=current,
-        prices=prices,
-        **policy,
-    )
-    changes = decision.changes(current)
-    log.debug("scale decision: %s; changes %s%s", decision.reason, changes or "none",
-             " (dry run)" if dry_run else "")
+    try:
+        runs = read_prefect_runs([c.class_id for c in classes])
+        runs_error = None
+    except Exception as exc:  # noqa: BLE001 - Salad's count still sizes the groups
+        runs, runs_error = {}, f"Prefect unreadable ({type(exc).__name__})"
+        log.warning("scale: %s: %s", runs_error, exc)
+    demands, current = [], {}
+    for c in classes:
+        d = c.model_copy(update={"prefect_runs": runs.get(c.class_id, 0) if runs_error is None else None})
+        try:
+            d.salad_waiting = read_queue_length(c.queue)
+        except Exception as exc:  # noqa: BLE001 - one unprovisioned class must not stop the others
+            d.error = f"Salad queue {c.queue} unreadable ({exc})"
+        try:
+            current[c.container_group] = read_replicas(c.container_group)
+        except Exception as exc:  # noqa: BLE001
+            current[c.container_group] = None
+            d.error = d.error or f"container group {c.container_group} unreadable ({exc})"
+        demands.append(d)
+    decisions = decide_fleet(demands, current, policy)
+    changes = fleet_changes(decisions)
     applied: dict[str, int] = {}
     if not dry_run:
         for group, n in changes.items():
             applied[group] = write_replicas(group, n)
-    return ScalePass(
-        decision=decision, current_replicas=current, changes=changes, applied=applied, dry_run=dry_run
-    )
+    return ScalePass(decisions=decisions, changes=changes, applied=applied, dry_run=dry_run)
 
 
-def decision_markdown(
-    decision: ScalingDecision,
-    current_replicas: Mapping[str, int],
-    applied: Mapping[str, int],
-    dry_run: bool,
-) -> str:
+def decision_markdown(result: ScalePass) -> str:
     """A markdown report of one scaling pass (for a Prefect artifact)."""
-    mode = "dry run (nothing changed)" if dry_run else "applied"
+    mode = "dry run (nothing changed)" if result.dry_run else "applied"
     lines = [
         "# Autoscaling decision",
         "",
-        f"- queue length: **{decision.queue_length}**",
-        f"- chosen class: **{decision.chosen_class_name or '—'}**"
-        + (f" → `{decision.container_group}`" if decision.container_group else ""),
         f"- mode: {mode}",
-        f"- reason: {decision.reason}",
         "",
-        "| container group | current | desired | change |",
-        "|---|---:|---:|---|",
+        "| class | container group | Prefect runs | Salad waiting | current | desired | change | why |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
-    for group in sorted(set(current_replicas) | set(decision.desired_replicas)):
-        cur = current_replicas.get(group)
-        want = decision.desired_replicas.get(group, cur)
-        if group in applied:
+
+    def show(v: Optional[int]) -> str:
+        return "?" if v is None else str(v)
+
+    for d in result.decisions:
+        if d.container_group in result.applied:
             change = "patched"
-        elif cur != want:
-            change = "would patch" if dry_run else "pending"
+        elif d.container_group in result.changes:
+            change = "would patch" if result.dry_run else "pending"
         else:
             change = "—"
-        lines.append(f"| {group} | {cur if cur is not None else '?'} | {want} | {change} |")
-    if decision.candidates:
-        lines += [
-            "",
-            "| class | rtf | meets target | fps | $/h | ¢/output min |",
-            "|---|---:|---|---:|---:|---:|",
-        ]
-        for c in sorted(decision.candidates, key=_rank_key):
-            price = f"{c.price_per_hour:.2f}" if c.price_per_hour is not None else "?"
-            cost = (
-                f"{c.cost_per_output_minute * 100:.3f}" if c.cost_per_output_minute is not None else "?"
-            )
-            ok = "yes" if c.meets_target else "no"
-            lines.append(
-                f"| {c.name} | {c.real_time_factor:.2f} | {ok} | {c.fps:.0f} | {price} | {cost} |"
-            )
+        lines.append(f"| {d.name} | {d.container_group} | {show(d.prefect_runs)} | {show(d.salad_waiting)} | "
+                     f"{show(d.current)} | {show(d.desired)} | {change} | {d.reason} |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Autoscaling: the decision table, the Salad client against a local fake API, and the scale flow."""
+"""Autoscaling: the class ranking, the per-class decision, the Salad client against a local fake API, and
+the scale flow (Prefect + the fake Salad API of tests/fake_salad.py)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,25 @@ from tasks.salad import (
     salad_client_from_env,
     write_replicas,
 )
-from tasks.scaling import decide_scaling, decision_markdown, run_scaling_pass
+from tasks.scaling import (
+    ClassDemand,
+    ClassScale,
+    ScalePass,
+    ScalingPolicy,
+    cheapest_salad_class,
+    decide_fleet,
+    decision_markdown,
+    fleet_changes,
+    measured_classes,
+    run_scaling_pass,
+)
 from tests.servers import serve_in_thread
 
 API_KEY = "test-key-9f3a1c-do-not-leak"
 ORG, PROJECT = "acme", "lipsync"
 PREFIX = f"/api/public/organizations/{ORG}/projects/{PROJECT}"
 
-# ----------------------------------------------------------------------------- decision table
+# ----------------------------------------------------------------------------- ranking
 
 
 def bench(rtf: float, fps: float, price: float | None) -> dict[str, Any]:
@@ -45,88 +57,71 @@ TARGETS: list[dict[str, Any]] = [
     {"id": "e", "name": "RTX 4070 (12 GB)"},  # never measured
     {"id": None, "name": "NVIDIA H200", "local": True, "benchmark": bench(0.1, 300, None)},
 ]
-GROUPS = {"a": "mt-4090", "b": "mt-3090", "c": "mt-3060", "d": "mt-4080", "e": "mt-4070"}
 CURRENT = {"mt-4090": 2, "mt-3090": 1, "mt-3060": 0, "mt-4080": 0, "mt-4070": 0}
 
-
-def others_zero(group: str, n: int, groups: dict[str, str] = GROUPS) -> dict[str, int]:
-    desired = {g: 0 for g in groups.values()}
-    desired[group] = n
-    return desired
-
-
-CASES = [
-    # id, queue, overrides, chosen class, desired replicas (None: unchanged)
-    ("empty queue -> min", 0, {}, "b", others_zero("mt-3090", 0)),
-    ("empty queue, min 1", 0, {"min_replicas": 1}, "b", others_zero("mt-3090", 1)),
-    ("queue 5 / 2 per replica -> 3", 5, {}, "b", others_zero("mt-3090", 3)),
-    ("big queue capped at max", 1000, {"max_replicas": 10}, "b", others_zero("mt-3090", 10)),
-    ("too-slow cheap class wins once rtf allows", 4, {"target_rtf": 2.0}, "c", others_zero("mt-3060", 2)),
-    ("cheapest qualifying when b unmapped", 1, {"container_groups": {"a": "mt-4090", "d": "mt-4080"}},
-     "a", {"mt-4090": 1, "mt-4080": 0}),
-    ("unknown price ranked last but usable", 3, {"container_groups": {"c": "mt-3060", "d": "mt-4080"}},
-     "d", {"mt-3060": 0, "mt-4080": 2}),
-    ("today's price overrides the recorded one", 2, {"prices": {"b": 0.5}}, "a", others_zero("mt-4090", 1)),
-    ("no class fast enough -> no change", 9, {"target_rtf": 0.3}, None, None),
-    ("only unmeasured class mapped -> no change", 9, {"container_groups": {"e": "mt-4070"}}, None, None),
-    ("others go to others_min", 0, {"others_min_replicas": 1}, "b",
-     {g: (0 if g == "mt-3090" else 1) for g in GROUPS.values()}),
+RANKING_CASES = [
+    # id, targets (ids), overrides, chosen
+    ("cheapest meeting the target", "abcde", {}, "b"),
+    ("too-slow cheap class wins once rtf allows", "abcde", {"target_rtf": 2.0}, "c"),
+    ("cheapest qualifying when b is absent", "ad", {}, "a"),
+    ("unknown price ranked last but usable", "cd", {}, "d"),
+    ("today's price overrides the recorded one", "abcde", {"prices": {"b": 0.5}}, "a"),
+    ("no class fast enough", "abcde", {"target_rtf": 0.3}, None),
+    ("only an unmeasured class", "e", {}, None),
 ]
 
 
-@pytest.mark.parametrize(("queue", "overrides", "chosen", "desired"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_decision_table(queue, overrides, chosen, desired) -> None:
-    kwargs: dict[str, Any] = {
-        "container_groups": GROUPS,
-        "current_replicas": CURRENT,
-        "min_replicas": 0,
-        "max_replicas": 10,
-        "jobs_per_replica": 2,
-        "target_rtf": 1.0,
-    }
-    kwargs.update(overrides)
-    decision = decide_scaling(queue, TARGETS, **kwargs)
-    assert decision.chosen_class_id == chosen
-    if desired is None:
-        assert decision.desired_replicas == CURRENT
-        assert decision.changes(CURRENT) == {}
-        assert "keeping current replicas" in decision.reason
-    else:
-        assert decision.desired_replicas == desired
-        assert decision.container_group == kwargs["container_groups"][chosen]
-        assert decision.chosen_class_name in decision.reason
+@pytest.mark.parametrize(("ids", "overrides", "chosen"), [c[1:] for c in RANKING_CASES],
+                         ids=[c[0] for c in RANKING_CASES])
+def test_ranking_table(ids, overrides, chosen) -> None:
+    targets = [t for t in TARGETS if t["id"] and t["id"] in ids]
+    best = cheapest_salad_class(targets, overrides.get("prices"), overrides.get("target_rtf", 1.0))
+    assert (best.class_id if best else None) == chosen
 
 
-def test_tie_on_cost_goes_to_higher_fps() -> None:
+def test_tie_on_cost_goes_to_higher_fps_and_local_is_never_ranked() -> None:
     targets = [
         {"id": "x", "name": "X", "benchmark": bench(0.5, 30, 0.1)},
         {"id": "y", "name": "Y", "benchmark": bench(0.5, 45, 0.1)},
     ]
-    decision = decide_scaling(3, targets, container_groups={"x": "gx", "y": "gy"}, current_replicas={})
-    assert decision.chosen_class_id == "y"
+    assert cheapest_salad_class(targets).class_id == "y"
+    ranked = measured_classes(TARGETS, target_rtf=0.2)
+    assert [c.class_id for c in ranked] == ["c", "b", "a", "d"] and not any(c.meets_target for c in ranked)
 
 
-def test_local_entry_is_never_chosen() -> None:
-    decision = decide_scaling(5, TARGETS, container_groups=GROUPS, current_replicas=CURRENT, target_rtf=0.2)
-    assert decision.chosen_class_id is None
-    assert all(c.class_id for c in decision.candidates)
+# ----------------------------------------------------------------------------- per-class decision
 
 
-def test_too_slow_reason_and_bounds_check() -> None:
-    only_c = {"c": "mt-3060"}
-    decision = decide_scaling(4, TARGETS, container_groups=only_c, current_replicas={"mt-3060": 1})
-    assert "too slow: RTX 3060 (12 GB)" in decision.reason
+def demand(cid: str, group: str, runs: int | None, waiting: int | None, error: str | None = None) -> ClassDemand:
+    return ClassDemand(class_id=cid, name=cid.upper(), queue=f"q-{cid}", container_group=group,
+                       prefect_runs=runs, salad_waiting=waiting, error=error)
+
+
+def test_each_class_is_sized_to_its_own_demand() -> None:
+    policy = ScalingPolicy(min_replicas=0, max_replicas=10, jobs_per_replica=2)
+    decisions = decide_fleet([
+        demand("a", "mt-4090", 5, 3),      # max(5, 3) = 5 → ceil(5 / 2) = 3
+        demand("b", "mt-3090", 0, 0),      # idle → min
+        demand("c", "mt-3060", None, 40),  # Prefect unreadable: Salad's count alone; capped at 10
+        demand("d", "mt-4080", 4, None, error="Salad queue q-d unreadable"),  # keep as is
+    ], CURRENT, policy)
+    assert [(d.container_group, d.demand, d.desired) for d in decisions] == [
+        ("mt-4090", 5, 3), ("mt-3090", 0, 0), ("mt-3060", 40, 10), ("mt-4080", None, 0)]
+    assert "keeping the current count" in decisions[3].reason
+    assert fleet_changes(decisions) == {"mt-4090": 3, "mt-3090": 0, "mt-3060": 10}
+    assert decide_fleet([demand("a", "mt-4090", 0, 0)], CURRENT,
+                        ScalingPolicy(min_replicas=1))[0].desired == 1
+    assert decide_fleet([demand("a", "unknown", 3, 3)], CURRENT, policy)[0].desired is None
     with pytest.raises(ValueError):
-        decide_scaling(1, TARGETS, container_groups=GROUPS, current_replicas=CURRENT,
-                       min_replicas=5, max_replicas=2)
+        decide_fleet([], CURRENT, ScalingPolicy(min_replicas=5, max_replicas=2))
 
 
-def test_changes_only_lists_differences_and_markdown() -> None:
-    decision = decide_scaling(5, TARGETS, container_groups=GROUPS, current_replicas=CURRENT)
-    assert decision.changes(CURRENT) == {"mt-4090": 0, "mt-3090": 3}
-    md = decision_markdown(decision, CURRENT, {}, dry_run=True)
-    assert "would patch" in md and "mt-3090" in md and "RTX 3090 (24 GB)" in md
+def test_markdown_names_every_group_and_what_changed() -> None:
+    decisions = decide_fleet([demand("a", "mt-4090", 1, 0), demand("b", "mt-3090", 1, 0)], CURRENT,
+                             ScalingPolicy())
+    md = decision_markdown(ScalePass(decisions=decisions, changes=fleet_changes(decisions), applied={},
+                                     dry_run=True))
+    assert "would patch" in md and "mt-4090" in md and "| B | mt-3090 | 1 | 0 | 1 | 1 | — |" in md
 
 
 # ------------------------------------------------------------------------------ fake Salad API
@@ -293,73 +288,133 @@ def test_client_from_env_names_missing_variables_only() -> None:
 # ------------------------------------------------------------------------ scaling pass and flow
 
 
-@pytest.fixture()
-def salad_env(fake, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SALAD_API_KEY", API_KEY)
-    monkeypatch.setenv("SALAD_ORG_NAME", ORG)
-    monkeypatch.setenv("SALAD_PROJECT_NAME", PROJECT)
-    monkeypatch.setenv("SALAD_API_BASE_URL", fake.base_url)
-    return fake
-
-
-def _pass(client: SaladClient, dry_run: bool):
-    return run_scaling_pass(
-        queue_name="render", container_groups=GROUPS, targets=TARGETS,
-        read_queue_length=client.get_queue_length,
-        read_replicas=lambda groups: {g: client.get_container_group(g)["replicas"] for g in groups},
-        write_replicas=lambda g, n: client.set_replicas(g, n)["replicas"],
-        dry_run=dry_run, max_replicas=10, jobs_per_replica=2, target_rtf=1.0,
-    )
-
-
-def test_dry_run_reads_the_queue_and_patches_nothing(fake, client) -> None:
-    fake.queue_length = 7
-    result = _pass(client, dry_run=True)
-    assert ("GET", f"{PREFIX}/queues/render") in [(r["method"], r["path"]) for r in fake.requests]
-    assert fake.patches() == []
-    assert result.decision.queue_length == 7
-    assert result.changes == {"mt-4090": 0, "mt-3090": 4} and result.applied == {}
-
-
-def test_apply_patches_only_changed_groups(fake, client) -> None:
-    fake.queue_length = 7
-    result = _pass(client, dry_run=False)
-    patches = {r["path"][len(PREFIX):]: r for r in fake.patches()}
-    assert set(patches) == {"/containers/mt-4090", "/containers/mt-3090"}  # unchanged groups untouched
-    for r in patches.values():
-        assert r["headers"]["content-type"] == MERGE_PATCH
-        assert r["headers"]["salad-api-key"] == API_KEY
-    assert patches["/containers/mt-3090"]["body"] == {"replicas": 4}
-    assert result.applied == {"mt-4090": 0, "mt-3090": 4}
-    fake.requests.clear()
-    assert _pass(client, dry_run=False).changes == {}  # converged: a second pass patches nothing
-    assert fake.patches() == []
-
-
-def test_prefect_tasks_build_their_client_from_env(salad_env) -> None:
+def test_prefect_tasks_build_their_client_from_env(fake, monkeypatch) -> None:
+    for name, value in {"SALAD_API_KEY": API_KEY, "SALAD_ORG_NAME": ORG, "SALAD_PROJECT_NAME": PROJECT,
+                        "SALAD_API_BASE_URL": fake.base_url}.items():
+        monkeypatch.setenv(name, value)
     assert read_queue_length.fn("render") == 5
-    assert read_replicas.fn(["mt-3090", "mt-4090"]) == {"mt-3090": 1, "mt-4090": 2}
+    assert read_replicas.fn("mt-3090") == 1
     assert write_replicas.fn("mt-3090", 3) == 3
-    assert salad_env.patches()[0]["headers"]["content-type"] == MERGE_PATCH
+    assert fake.patches()[0]["headers"]["content-type"] == MERGE_PATCH
 
 
-def test_scale_flow_end_to_end(salad_env, tmp_path: Path) -> None:
-    """The Prefect flow once (starts a temporary local Prefect server)."""
-    from flows.scale import scale, scale_deployment
+@pytest.fixture()
+def salad_fleet(monkeypatch):
+    """The fake Salad API with two provisioned classes of the operator's file; SALAD_* set."""
+    from tasks.salad_provision import ProvisionConfig, names_by_class, provision
+    from tasks.scaling import read_targets
+    from tests.fake_salad import FakeSalad
+
+    targets = read_targets(Path(__file__).resolve().parent.parent / "gpu_targets.json")
+    ids = [targets[0]["id"], targets[6]["id"]]  # RTX 4090, RTX 3090
+    fake = FakeSalad()
+    with serve_in_thread(fake.app) as (url, _, _):
+        env = fake.env(url)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with salad_client_from_env(backoff_s=0.0) as client:
+            provision(client, targets, ProvisionConfig(image="img:1"), class_ids=ids)
+            names = names_by_class(targets)
+            classes = [ClassDemand(class_id=i, name=i, queue=names[i].queue,
+                                   container_group=names[i].container_group) for i in ids]
+            yield SimpleNamespace(fake=fake, client=client, targets=targets, ids=ids, classes=classes)
+    fake.close()
+
+
+def _pass(fleet, prefect_runs, dry_run: bool, classes=None) -> ScalePass:
+    client = fleet.client
+    return run_scaling_pass(
+        classes=classes or fleet.classes,
+        read_prefect_runs=lambda ids: {i: prefect_runs.get(i, 0) for i in ids},
+        read_queue_length=client.get_queue_length,
+        read_replicas=lambda g: client.get_container_group(g)["replicas"],
+        write_replicas=lambda g, n: client.set_replicas(g, n)["replicas"],
+        policy=ScalingPolicy(max_replicas=10, jobs_per_replica=1), dry_run=dry_run)
+
+
+def _writes(fake) -> list[tuple[str, str]]:
+    return [c for c in fake.calls if c[0] not in ("GET",)]
+
+
+def test_pass_reads_prefect_and_salad_and_patches_only_changes(salad_fleet) -> None:
+    f = salad_fleet
+    g4090, g3090 = (c.container_group for c in f.classes)
+    for i in range(3):  # jobs waiting in the 4090 queue (submitted by anything)
+        f.client.create_job(f.classes[0].queue, {"musetalk_job_id": f"j{i}"})
+    before = len(_writes(f.fake))
+    dry = _pass(f, {f.ids[1]: 2}, dry_run=True)
+    assert [(d.prefect_runs, d.salad_waiting, d.desired) for d in dry.decisions] == [(0, 3, 3), (2, 0, 2)]
+    assert dry.changes == {g4090: 3, g3090: 2} and len(_writes(f.fake)) == before  # nothing written
+    applied = _pass(f, {f.ids[1]: 2}, dry_run=False)
+    assert applied.applied == {g4090: 3, g3090: 2}
+    assert f.fake.groups[g4090]["replicas"] == 3 and f.fake.groups[g3090]["replicas"] == 2
+    patches = [c for c in f.fake.calls if c[0] == "PATCH"]
+    assert _pass(f, {f.ids[1]: 2}, dry_run=False).changes == {}  # converged: nothing more to patch
+    assert [c for c in f.fake.calls if c[0] == "PATCH"] == patches
+
+
+def test_an_unprovisioned_class_is_kept_and_the_others_still_scale(salad_fleet) -> None:
+    f = salad_fleet
+    ghost = ClassDemand(class_id="ghost", name="ghost", queue="musetalk-ghost", container_group="musetalk-ghost")
+    result = _pass(f, {f.ids[0]: 4, "ghost": 9}, dry_run=False, classes=[ghost, *f.classes])
+    assert result.decisions[0].desired is None and "unreadable" in result.decisions[0].reason
+    assert result.applied == {f.classes[0].container_group: 4}
+
+
+def test_prefect_unreadable_falls_back_to_salad(salad_fleet) -> None:
+    f = salad_fleet
+    f.client.create_job(f.classes[1].queue, {"musetalk_job_id": "x"})
+
+    def broken(_ids):
+        raise httpx.ConnectError("no server")
+
+    result = run_scaling_pass(
+        classes=f.classes, read_prefect_runs=broken, read_queue_length=f.client.get_queue_length,
+        read_replicas=lambda g: f.client.get_container_group(g)["replicas"],
+        write_replicas=lambda g, n: n, policy=ScalingPolicy(), dry_run=True)
+    assert [(d.prefect_runs, d.demand, d.desired) for d in result.decisions] == [(None, 0, 0), (None, 1, 1)]
+
+
+def test_scale_flow_and_its_schedule(salad_fleet, tmp_path: Path, monkeypatch) -> None:
+    """The Prefect flow once, counting real flow runs of a Salad route (a temporary local Prefect server),
+    then the schedule `musetalk-flow deploy` registers."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.states import Cancelled
+
+    from deployments.scale_schedule import CONTROL_POOL, deploy_scale
+    from deployments.workpool import PULL_STEP, PullSteps, _cwd, ensure_work_pool, repo_root
+    from flows.scale import scale
+    from tasks.route_depth import count_unfinished_runs
+
+    f = salad_fleet
+    cid = f.ids[0]
+    # two jobs on route salad:<4090>: runs of a deployment in pool `salad`, work queue = the class id
+    ensure_work_pool("salad", queues={cid: 10})
+    with _cwd(repo_root()):
+        d = RunnerDeployment.from_entrypoint("flows/scale.py:scale", name="route-probe", work_pool_name="salad",
+                                             work_queue_name=cid)
+        d.storage = PullSteps([{PULL_STEP: {}}])
+        deployment_id = d.apply()
+    with get_client(sync_client=True) as pc:
+        runs = [pc.create_flow_run_from_deployment(deployment_id) for _ in range(3)]
+        pc.set_flow_run_state(runs[2].id, Cancelled(), force=True)  # a finished run is no demand
+    assert count_unfinished_runs("salad", [cid, f.ids[1]]) == {cid: 2, f.ids[1]: 0}
 
     targets = tmp_path / "gpu_targets.json"
-    targets.write_text(json.dumps(TARGETS))
-    salad_env.queue_length = 3
-    out = scale(queue_name="render", container_groups=GROUPS, max_replicas=10, jobs_per_replica=2,
-                target_rtf=1.0, dry_run=False, targets_path=str(targets))
-    assert out["applied"] == {"mt-4090": 0, "mt-3090": 2}
-    assert salad_env.replicas["mt-3090"] == 2 and salad_env.replicas["mt-4090"] == 0
-    assert {r["path"] for r in salad_env.patches()} == {f"{PREFIX}/containers/mt-4090",
-                                                       f"{PREFIX}/containers/mt-3090"}
-    assert API_KEY not in json.dumps(out)
+    targets.write_text(json.dumps(f.targets))
+    out = scale(targets_path=str(targets), class_ids=f.ids, dry_run=False)
+    assert out["applied"] == {f.classes[0].container_group: 2}
+    assert f.fake.groups[f.classes[0].container_group]["replicas"] == 2
+    assert API_KEY not in json.dumps(out) and f.fake.api_key not in json.dumps(out)
 
-    deployment = scale_deployment("render", GROUPS, interval_s=60)
-    assert deployment.parameters["queue_name"] == "render"
-    assert API_KEY not in json.dumps(deployment.parameters)
-    assert deployment.schedules[0].schedule.interval.total_seconds() == 60
-    assert deployment.concurrency_limit == 1
+    scale_id = deploy_scale(targets_path="gpu_targets.json")
+    with get_client(sync_client=True) as pc:
+        dep = pc.read_deployment(scale_id)
+    assert dep.work_pool_name == CONTROL_POOL and dep.parameters == {"dry_run": False,
+                                                                     "targets_path": "gpu_targets.json"}
+    assert dep.schedules[0].schedule.interval.total_seconds() == 60
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1  # one pass at a time
+
+    monkeypatch.delenv("SALAD_API_KEY")
+    assert scale(targets_path=str(targets), dry_run=False)["skipped"] == "salad not configured"
