@@ -39,12 +39,13 @@ import shutil
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prefect import tags
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -285,7 +286,10 @@ class WorkerService:
         if self.draining:
             return unavailable("draining", "the worker is shutting down", job_id)
         try:
-            state = self._flow(job, queue_job_id, return_state=True)
+            # The orchestrator's run of this job carries `job:{id}`; this process's own run of it is an
+            # attempt of that job, never a second `job:` run (DESIGN §11).
+            with tags(f"attempt-of:{job_id}") if job_id else nullcontext():
+                state = self._flow(job, queue_job_id, return_state=True)
         except Exception as exc:  # noqa: BLE001 — the flow could not run at all (e.g. Prefect API down)
             log.exception("job %s: the generate flow could not run", job_id)
             outcome, own = failure_outcome(exc, stage="preprocessing", job_id=job_id), False

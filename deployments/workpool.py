@@ -6,7 +6,10 @@ from one call (``musetalk-flow deploy``):
 - a ``process`` work pool ``gpu``: workers run each flow run in a fresh interpreter on their machine;
 - queues ``urgent`` (priority 1) and ``default`` (priority 10): a free worker always takes urgent runs first;
 - deployments ``generate/gpu``, ``batch/gpu`` on ``default`` and ``generate/urgent``, ``batch/urgent`` on
-  ``urgent`` (``prefect deployment run`` has no queue option, so urgency is a deployment).
+  ``urgent`` (``prefect deployment run`` has no queue option, so urgency is a deployment);
+- the orchestrator's other routes (DESIGN §11): ``generate/buffer`` in pool ``buffer`` (no Prefect worker
+  polls it: buffer GPUs claim its runs from the orchestrator and are recorded as its workers) and
+  ``generate/salad`` in pool ``salad`` (one queue per Salad GPU class, dispatched to Salad job queues).
 
 One render per GPU is a property of the *worker*, not of the pool: pool and queue concurrency limits are
 fleet-wide totals (a pool limit of 1 would let one machine of the whole fleet work). Each GPU gets one
@@ -28,6 +31,8 @@ from uuid import UUID
 POOL_NAME = "gpu"
 POOL_TYPE = "process"
 QUEUES: dict[str, int] = {"urgent": 1, "default": 10}  # lower number = served first
+BUFFER_POOL = "buffer"
+SALAD_POOL = "salad"
 ENTRYPOINTS = {"generate": "flows/generate.py:generate", "batch": "flows/batch.py:batch"}
 PULL_STEP = "deployments.workpool.enter_repo"
 
@@ -38,6 +43,7 @@ class DeploymentSpec:
     name: str
     queue: str
     description: str
+    pool: str | None = None  # None: the GPU pool ``deploy`` is given
 
     @property
     def full_name(self) -> str:
@@ -49,6 +55,10 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("generate", "urgent", "urgent", "One lip-sync job, ahead of everything on the default queue."),
     DeploymentSpec("batch", "gpu", "default", "A manifest of jobs on one warm engine; fan_out spreads it."),
     DeploymentSpec("batch", "urgent", "urgent", "A batch ahead of everything on the default queue."),
+    DeploymentSpec("generate", "buffer", "default", "A job for the buffer GPUs: claimed over the orchestrator's "
+                   "protocol, never polled by a Prefect worker.", pool=BUFFER_POOL),
+    DeploymentSpec("generate", "salad", "default", "A job for SaladCloud: the orchestrator submits it to the Salad "
+                   "job queue of the GPU class its work queue names.", pool=SALAD_POOL),
 )
 
 
@@ -152,11 +162,13 @@ def deploy(pool: str = POOL_NAME, specs: Sequence[DeploymentSpec] = DEPLOYMENTS,
     from prefect.deployments.runner import RunnerDeployment
 
     ensure_work_pool(pool, concurrency_limit=pool_limit)
+    for other in sorted({spec.pool for spec in specs if spec.pool and spec.pool != pool}):
+        ensure_work_pool(other)
     ids: dict[str, UUID] = {}
     with _cwd(repo_root()):  # entrypoints are stored relative to the project directory
         for spec in specs:
             deployment = RunnerDeployment.from_entrypoint(
-                ENTRYPOINTS[spec.flow], name=spec.name, work_pool_name=pool, work_queue_name=spec.queue,
+                ENTRYPOINTS[spec.flow], name=spec.name, work_pool_name=spec.pool or pool, work_queue_name=spec.queue,
                 description=spec.description, tags=["musetalk"], job_variables=dict(job_variables or {}))
             deployment.storage = PullSteps([{PULL_STEP: {}}])
             ids[spec.full_name] = deployment.apply()

@@ -152,7 +152,9 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         reporter.close()
 
 
-@flow(name="generate", log_prints=True)
+# The result is persisted (as JSON, readable by any Prefect version) so a job's outcome can be read back
+# from its flow run — the orchestrator's GET reads it; without this the API answers MissingResult.
+@flow(name="generate", log_prints=True, persist_result=True, result_serializer="json")
 def generate(job: dict[str, Any], queue_job_id: str | None = None):
     """One lip-sync job (the `/generate` body); returns a JobOutcome, or ends Failed carrying one."""
     outcome = run_job(job, queue_job_id)

@@ -269,7 +269,7 @@ def test_workpool_deploy_creates_pool_queues_and_deployments(env):
         assert queues == {"urgent": 1, "default": 10}
         for spec in DEPLOYMENTS:
             d = client.read_deployment_by_name(spec.full_name)
-            assert d.work_pool_name == "gpu-test" and d.work_queue_name == spec.queue
+            assert d.work_pool_name == (spec.pool or "gpu-test") and d.work_queue_name == spec.queue
             assert d.pull_steps == [{PULL_STEP: {}}]
             assert (repo_root() / d.entrypoint.split(":")[0]).is_file()
     cwd = os.getcwd()

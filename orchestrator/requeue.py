@@ -1,0 +1,51 @@
+"""A lost worker's job goes back to the queue (DESIGN §5/§11): its run returns to ``Scheduled`` (the next
+claim's ``Running`` makes the attempt ``run_count + 1``); a run that has had ``MUSETALK_MAX_ATTEMPTS``
+attempts fails for good instead.
+
+Prefect has no compare-and-set on states, so a requeue re-reads the run and acts only when it is still
+the state and lease it judged; the window left is the time of one API call."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.states import Failed, Scheduled
+
+from orchestrator.jobs import LEASE_LABEL, WORKER_LABEL, job_id_of
+from orchestrator.results import persist_outcome
+from tasks.contract import JobOutcome
+
+log = logging.getLogger(__name__)
+
+
+async def requeue_or_fail(client: PrefectClient, run: FlowRun, max_attempts: int, reason: str, *,
+                          expect_lease: str | None = None) -> str | None:
+    """Requeue ``run`` (→ ``queued``) or, past the last attempt, fail it (→ ``failed``); None when the run
+    moved on meanwhile (another replica acted, the job was cancelled) and nothing was done."""
+    fresh = await client.read_flow_run(run.id)
+    if fresh.state is None or run.state is None or fresh.state.id != run.state.id:
+        return None
+    labels = dict(fresh.labels or {})
+    if expect_lease is not None and labels.get(LEASE_LABEL) != expect_lease:
+        return None
+    if fresh.state_type not in (StateType.PENDING, StateType.RUNNING):
+        return None
+    job_id = job_id_of(fresh)
+    attempts = max(fresh.run_count, 1)
+    await client.update_flow_run_labels(fresh.id, {LEASE_LABEL: "", WORKER_LABEL: ""})
+    if attempts >= max_attempts:
+        message = f"{reason}; gave up after {attempts} attempt(s)"
+        body: dict[str, Any] = {"status": "failed", "error_type": "processing_error", "error_message": message,
+                                "stage": "inference", "details": {"attempts": attempts}, "retryable": False,
+                                "stage_times": {}, "musetalk_job_id": job_id}
+        record = await persist_outcome(JobOutcome(http_status=500, body=body))
+        await client.set_flow_run_state(fresh.id, Failed(data=record, message=message), force=True)
+        log.warning("job %s failed for good: %s", job_id, message)
+        return "failed"
+    # force: Prefect's rules do not expect a run to leave Running for Scheduled; nothing else would move it
+    await client.set_flow_run_state(fresh.id, Scheduled(message=f"requeued: {reason}"), force=True)
+    log.warning("job %s requeued after attempt %d: %s", job_id, attempts, reason)
+    return "queued"

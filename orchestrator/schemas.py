@@ -1,0 +1,124 @@
+"""Bodies of the orchestrator's HTTP API: the public job API (DESIGN §11) and the internal protocol (§5).
+These models are also its OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from musetalk_engine.errors import MediaError
+from musetalk_engine.framing import validate_framing
+from orchestrator.jobs import valid_job_id
+from tasks.contract import JobParams
+
+
+class JobCreate(BaseModel):
+    """``POST /v1/avatar/jobs``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "video_url": "https://example.com/avatar.mp4", "audio_url": "https://example.com/speech.wav",
+        "aspect_ratio": "9:16", "resolution": "720p", "priority": "normal", "route": "auto",
+        "webhook_url": "https://example.com/hooks/musetalk", "metadata": {"order": "A-17"}}]})
+
+    musetalk_job_id: str | None = Field(None, description="the job's id; a UUID when absent")
+    video_url: str = Field(min_length=1)
+    audio_url: str = Field(min_length=1)
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    params: JobParams = Field(default_factory=JobParams)
+    webhook_url: str | None = Field(None, description="POSTed the job's GET body, signed, on a terminal state")
+    metadata: dict[str, Any] | None = None
+    priority: Literal["urgent", "normal"] = "normal"
+    route: str = Field("auto", description="auto, gpu, buffer or salad:<GPU class id>")
+
+    @field_validator("musetalk_job_id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        if value is not None and not valid_job_id(value):
+            raise ValueError("musetalk_job_id: letters, digits, '.', '_' and '-' only, at most 128")
+        return value
+
+    @model_validator(mode="after")
+    def _framing(self) -> "JobCreate":
+        try:
+            validate_framing(self.aspect_ratio, self.resolution)
+        except MediaError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    created_at: str | None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    stage: str | None = None
+    retryable: bool = False
+
+
+class JobView(BaseModel):
+    """``GET /v1/avatar/jobs/{id}`` (also the webhook body)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    phase: str | None
+    route: str | None
+    priority: str | None
+    worker_id: str | None
+    attempt: int
+    output_url: str | None
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    input: dict[str, Any]
+    metadata: dict[str, Any] | None
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+    next_cursor: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx of this API: ``{"error": {"type", "message"}}``."""
+
+    error: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------- internal (§5)
+
+class ProgressReport(BaseModel):
+    status: Literal["running", "succeeded", "failed"]
+    progress: float = Field(ge=0, le=1)
+    phase: Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
+    metrics: dict[str, Any] | None = None
+    error: Any = None
+    worker_id: str | None = None
+
+
+class Heartbeat(BaseModel):
+    status: Literal["idle", "busy"]
+    gpu_class: str | None = None
+    capacity: int = Field(1, ge=1)
+    error: str | None = None
+
+
+class ClaimRequest(BaseModel):
+    worker_id: str = Field(min_length=1)
+
+
+class StatusReport(BaseModel):
+    status: Literal["succeeded", "failed"]
+    error: Any = None
+    output_url: str | None = None
+    metrics: dict[str, Any] | None = None
