@@ -55,6 +55,7 @@ from flows.generate import generate
 from musetalk_engine.errors import MediaError
 from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors, failure_body,
                             failure_outcome, outcome_from_state, progress_error, timed_out, unavailable)
+from tasks.engine import get_engine, serving
 from tasks.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,7 @@ EngineLoader = Callable[[Settings], Any]
 
 
 def default_engine_loader(settings: Settings) -> Any:
-    """The process's cached engine (:func:`tasks.engine.get_engine`): the very one the flow's tasks use."""
-    from tasks.engine import get_engine
-
+    """The process's cached engine for ``settings`` (:func:`tasks.engine.get_engine`)."""
     return get_engine(settings)
 
 
@@ -131,13 +130,6 @@ class WorkerService:
         self.options = options or ServeOptions()
         self.job_timeout = float(self.settings.musetalk_job_timeout_sec)
         self._engine_loader = engine_loader or default_engine_loader
-        if settings is not None and engine_loader is None:
-            from tasks.engine import engine_config
-
-            if engine_config(settings) != engine_config(get_settings()):
-                # the flow's tasks take their engine from get_settings(): a second one would be loaded
-                log.warning("create_app(settings) differs from the environment's engine settings; the "
-                            "generate flow will load its own engine")
         self._prefect_warmup = prefect_warmup or start_prefect_api
         # Prefect enforces the per-job timeout inside the flow run (see module docstring).
         self._flow = generate.with_options(timeout_seconds=self.job_timeout)
@@ -287,8 +279,9 @@ class WorkerService:
             return unavailable("draining", "the worker is shutting down", job_id)
         try:
             # The orchestrator's run of this job carries `job:{id}`; this process's own run of it is an
-            # attempt of that job, never a second `job:` run (DESIGN §11).
-            with tags(f"attempt-of:{job_id}") if job_id else nullcontext():
+            # attempt of that job, never a second `job:` run (DESIGN §11). The flow's tasks use this warm
+            # engine, not one of their own.
+            with tags(f"attempt-of:{job_id}") if job_id else nullcontext(), serving(self.engine):
                 state = self._flow(job, queue_job_id, return_state=True)
         except Exception as exc:  # noqa: BLE001 — the flow could not run at all (e.g. Prefect API down)
             log.exception("job %s: the generate flow could not run", job_id)
@@ -371,9 +364,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
                options: ServeOptions | None = None) -> FastAPI:
-    """The worker's FastAPI app. ``engine_loader(settings)`` returns a loaded engine (tests inject one);
-    the default is the process's cached engine, which the ``generate`` flow's tasks also use, so pass
-    settings equal to :func:`tasks.settings.get_settings` (the flow reads those)."""
+    """The worker's FastAPI app. ``engine_loader(settings)`` returns a loaded engine (tests inject one;
+    the default is the process's cached engine for ``settings``); every job's flow runs on that engine.
+    The flow reads its other settings (storage, progress, work dir) from :func:`tasks.settings.get_settings`."""
     service = WorkerService(settings, engine_loader=engine_loader, options=options)
 
     @asynccontextmanager

@@ -24,7 +24,9 @@ from musetalk_engine.avatar import file_sha256
 from tasks.engine import get_engine
 from tasks.fetch import fetch_input, validate_input
 from tasks.contract import JobOutcome, JobRequest, failure_outcome, progress_error
-from tasks.media import audio_features, prepare_avatar, render, result_storage
+from tasks.audio import cache_audio_features
+from tasks.avatar import cache_avatar
+from tasks.render import render_video
 from tasks.progress import ProgressReporter
 from tasks.settings import get_settings
 from tasks.storage import build_sidecar, safe_job_id, storage_from_settings, upload_result
@@ -96,13 +98,16 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
                 engine = get_engine(settings)
                 params = job.params.prepare_params(engine.landmarks_backend).model_dump()
                 video_sha, audio_sha = file_sha256(video), file_sha256(audio)
-                storage_path = result_storage()
-                avatar_state = prepare_avatar.with_options(result_storage=storage_path)(
-                    video, video_sha, params, return_state=True)
+                cache_dir = settings.resolve(settings.musetalk_cache_dir)
+                # a Path: Prefect reads a str as a storage block's slug
+                results = cache_dir / "prefect-results"
+                avatar_state = cache_avatar.with_options(result_storage=results)(
+                    video, video_sha, params, engine.fingerprint, return_state=True)
                 avatar = avatar_state.result()
                 # skipped when Prefect's cache answered or the engine's avatar cache already had it
                 avatar_cached = avatar_state.name == "Cached" or bool(avatar["engine_cache_hit"])
-                audio_features.with_options(result_storage=storage_path)(audio, audio_sha)
+                cache_audio_features.with_options(result_storage=results)(
+                    audio, audio_sha, engine.fingerprint, cache_dir, settings.musetalk_max_audio_sec)
                 reporter.update("preparing", 0.1)
 
             def progress(done: int, total: int) -> None:
@@ -110,11 +115,11 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
 
             with stages("inference"):
                 out = tmp_path / f"{safe_id}.mp4"
-                result = render(video, audio, out, video_sha256=video_sha, audio_sha256=audio_sha, params=params,
-                                batch_size=job.params.batch_size,
-                                aspect_ratio=None if job.params.keep_source_size else job.aspect_ratio,
-                                resolution=None if job.params.keep_source_size else job.resolution,
-                                on_progress=progress)
+                result = render_video(video, audio, out, video_sha256=video_sha, audio_sha256=audio_sha,
+                                      params=params, cache_dir=cache_dir, batch_size=job.params.batch_size,
+                                      aspect_ratio=None if job.params.keep_source_size else job.aspect_ratio,
+                                      resolution=None if job.params.keep_source_size else job.resolution,
+                                      on_progress=progress)
             with stages("postprocessing"):
                 reporter.update("encoding", 0.9)
                 m = result.metrics

@@ -1,8 +1,15 @@
-"""The warm engine of this process: built once per configuration, shared by every job and flow run."""
+"""The warm engine of this process: built once per configuration, shared by every job and flow run.
+
+The serve process loads its engine itself (from the settings it was created with, or a loader a test
+passes) and runs each job's flow inside :func:`serving`, so the flow's tasks use that very engine instead of
+building a second one from the environment."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from musetalk_engine.engine import Engine, EngineConfig
 
@@ -10,6 +17,9 @@ from .settings import Settings, get_settings
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+# a context variable, not a global: it holds for the flow run inside the block (same thread, or a thread
+# Prefect starts with a copy of the context) and for nothing after it
+_serving: ContextVar[Engine | None] = ContextVar("serving_engine", default=None)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -29,8 +39,23 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+@contextmanager
+def serving(engine: Engine) -> Iterator[Engine]:
+    """Within the block, :func:`get_engine` returns ``engine`` whatever settings it is asked with (the
+    serve process's warm engine, for the job it runs)."""
+    token = _serving.set(engine)
+    try:
+        yield engine
+    finally:
+        _serving.reset(token)
+
+
 def get_engine(settings: Settings | None = None) -> Engine:
-    """The process's engine for these settings; loads the models on first use only."""
+    """The engine of this job: the serving one inside :func:`serving`, else the process's engine for
+    ``settings`` (default: the environment's), loaded on first use only."""
+    engine = _serving.get()
+    if engine is not None:
+        return engine
     config = engine_config(settings or get_settings())
     key = config.model_dump_json()
     with _lock:

@@ -235,7 +235,7 @@ def test_rerun_overwrites_and_avatar_task_is_cached(first_run, env, clip):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[UUID(summary["flow_run_id"])])))
-    avatar_runs = [r for r in runs if r.name.startswith("prepare-avatar")]
+    avatar_runs = [r for r in runs if r.name.startswith("cache-avatar")]
     assert avatar_runs and all(r.state.name == "Cached" for r in avatar_runs), \
         [(r.name, r.state.name) for r in runs]
 
