@@ -10,6 +10,9 @@ import tempfile
 from pathlib import Path
 
 
+log = logging.getLogger(__name__)
+
+
 def _engine(args):
     from musetalk_engine.engine import Engine, EngineConfig
 
@@ -116,6 +119,28 @@ def cmd_batch(args) -> int:
               f"({job['time_s']}s)")
     print(f"{summary['succeeded']}/{summary['total']} ok; results {summary['csv_path']}")
     return 0 if state.is_completed() and summary["failed"] == 0 else 1
+
+
+def cmd_orchestrator(args) -> int:
+    """The control plane's HTTP API (DESIGN §11) against the Prefect server of PREFECT_API_URL."""
+    import uvicorn
+    from prefect.settings import PREFECT_API_URL
+
+    from orchestrator.api import create_app
+
+    if not PREFECT_API_URL.value():
+        log.warning("PREFECT_API_URL is not set: the orchestrator uses a temporary Prefect server, and every "
+                    "job is lost when it stops (set PREFECT_API_URL, or use musetalk-flow up)")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Prefect, the orchestrator and a local worker on this machine (see deployments/up.py)."""
+    from deployments.up import up
+
+    return up(host=args.host, port=args.port, worker_port=args.worker_port, prefect_port=args.prefect_port,
+              log_dir=Path(args.log_dir), tiny=args.tiny, gpu_worker=args.gpu_worker)
 
 
 def cmd_deploy(args) -> int:
@@ -225,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--memory-mb", type=int, default=24576)
     sa.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
     sa.set_defaults(func=cmd_salad)
+
+    o = sub.add_parser("orchestrator", help="run the control plane: public job API, /internal worker protocol, /docs")
+    o.add_argument("--host", default="0.0.0.0")
+    o.add_argument("--port", type=int, default=8080)
+    o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    o.set_defaults(func=cmd_orchestrator)
+
+    u = sub.add_parser("up", help="the whole system on this machine: Prefect (SQLite), orchestrator, a local worker")
+    u.add_argument("--host", default="127.0.0.1", help="the orchestrator's address")
+    u.add_argument("--port", type=int, default=8080, help="the orchestrator's port")
+    u.add_argument("--worker-port", type=int, default=8001)
+    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--log-dir", default="up-logs")
+    u.add_argument("--tiny", action="store_true", help="render with random-weight tiny models (no downloads)")
+    u.add_argument("--gpu-worker", action="store_true", help="also run a Prefect process worker on pool gpu")
+    u.set_defaults(func=cmd_up)
     return parser
 
 

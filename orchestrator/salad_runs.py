@@ -4,8 +4,9 @@ to the class's Salad job queue and follows it (:mod:`tasks.salad_dispatch`), the
 state and persisted result (the ``/generate`` body Salad recorded).
 
 Stateless: the Salad job id and the follower (``{replica}@{unix time}``, refreshed while it polls) are run
-labels. A Running run whose follower stopped refreshing (its orchestrator died) is taken over by any
-replica, which follows the recorded Salad job instead of submitting it again. A job cancelled through the
+labels. A Running run whose follower stopped refreshing (its orchestrator died; a clean stop clears the label
+so the takeover is immediate) is taken over by any replica, which follows the recorded Salad job instead of
+submitting it again. A job cancelled through the
 API is ``Cancelled`` in Prefect; its follower sees that on its next poll and cancels the Salad job."""
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class SaladRuns:
             outcome = await asyncio.to_thread(work)
         except Handover as exc:
             log.info("job %s: %s", job_id, exc)
+            if self.stopping.is_set():  # a clean stop: let the next replica take over at once
+                await self.client.update_flow_run_labels(run.id, {FOLLOWER_LABEL: ""})
             return
         except Exception as exc:  # noqa: BLE001 — Salad refused the job, or its class is unknown
             log.exception("job %s: Salad dispatch failed", job_id)

@@ -1,0 +1,118 @@
+"""``musetalk-flow up``: the whole system on one machine, for a newcomer or a demo box.
+
+It starts, as child processes stopped together on Ctrl-C:
+
+1. a Prefect server on embedded SQLite (``$PREFECT_HOME``), unless ``PREFECT_API_URL`` names one already;
+2. the project's deployments and work pools (``musetalk-flow deploy``'s work);
+3. the orchestrator (``musetalk-flow orchestrator``) — the public API and ``/docs``;
+4. one local worker: ``musetalk-flow serve`` in buffer mode, so jobs routed ``auto`` or ``buffer`` render on
+   this machine's warm engine (models from ``MUSETALK_MODELS_DIR``; ``--tiny`` makes random-weight ones);
+5. with ``--gpu-worker``, a Prefect process worker on pool ``gpu`` too; where ``SALAD_API_KEY`` is set, a
+   Prefect worker on pool ``control`` for the scheduled ``scale`` flow.
+
+API keys: ``MUSETALK_API_KEYS`` and ``INTERNAL_API_KEY`` from the environment, else fresh ones printed
+once at start (the internal key is shared with the local worker only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+PY = sys.executable
+START_TIMEOUT_S = 240
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Prefect workers stop on SIGINT, not SIGTERM
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, prefect_port: int = 4200,
+       log_dir: Path = Path("up-logs"), tiny: bool = False, gpu_worker: bool = False) -> int:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    api_keys = env.get("MUSETALK_API_KEYS") or f"mt-{secrets.token_urlsafe(18)}"
+    env["MUSETALK_API_KEYS"] = api_keys
+    env["INTERNAL_API_KEY"] = env.get("INTERNAL_API_KEY") or secrets.token_urlsafe(24)
+    children: list[Child] = []
+    try:
+        if not env.get("PREFECT_API_URL"):
+            server = Child("prefect-server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                              "--port", str(prefect_port)], env, log_dir)
+            children.append(server)
+            env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+            wait_http(f"{env['PREFECT_API_URL']}/health", server)
+        print(f"Prefect: {env['PREFECT_API_URL'].removesuffix('/api')} (UI)", flush=True)
+        subprocess.run([PY, "-m", "deployments.cli", "deploy"], env=env, check=True, stdout=subprocess.DEVNULL)
+        orchestrator = Child("orchestrator", [PY, "-m", "deployments.cli", "orchestrator", "--host", host,
+                                              "--port", str(port)], env, log_dir)
+        children.append(orchestrator)
+        base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        wait_http(f"{base}/hc", orchestrator)
+        worker_env = dict(env, BUFFER_WORKER_ID=env.get("BUFFER_WORKER_ID") or "local-gpu-0",
+                          ORCHESTRATOR_BASE_URL=base, BUFFER_POLL_INTERVAL_SEC=env.get("BUFFER_POLL_INTERVAL_SEC") or "5")
+        if tiny:
+            models = log_dir.resolve() / "tiny-models"
+            if not (models / "musetalkV15").is_dir():
+                subprocess.run([PY, "-m", "deployments.cli", "models", "make-tiny", str(models)], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+            worker_env["MUSETALK_MODELS_DIR"] = str(models)
+        children.append(Child("worker", [PY, "-m", "deployments.cli", "serve", "--host", "127.0.0.1",
+                                         "--port", str(worker_port)], worker_env, log_dir))
+        if gpu_worker:
+            children.append(Child("gpu-worker", [PY, "-m", "prefect", "worker", "start", "--pool", "gpu",
+                                                 "--limit", "1"], dict(env, ORCHESTRATOR_BASE_URL=base), log_dir))
+        if env.get("SALAD_API_KEY"):
+            children.append(Child("control-worker", [PY, "-m", "prefect", "worker", "start", "--pool", "control"],
+                                  env, log_dir))
+        print(f"orchestrator: {base}  (API docs {base}/docs)\nAPI key: {api_keys.split(',')[0]}\n"
+              f"logs: {log_dir}/  — Ctrl-C stops everything", flush=True)
+        while all(c.proc.poll() is None for c in children):
+            time.sleep(1)
+        dead = next(c for c in children if c.proc.poll() is not None)
+        print(f"{dead.name} exited (rc {dead.proc.returncode}); see {dead.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in reversed(children):
+            child.stop()
