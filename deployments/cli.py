@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import tempfile
 from pathlib import Path
 
@@ -88,11 +90,21 @@ def cmd_models(args) -> int:
     return 1 if missing else 0
 
 
+def _catch_stop_signals() -> threading.Event:
+    """SIGTERM/SIGINT from now on only set the returned event: a service signalled while torch and Prefect
+    still import (seconds) then ends cleanly before it starts anything, instead of dying half-started.
+    The server installs its own handlers once it runs."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_serve(args) -> int:
     """The long-lived worker: HTTP /hc + /generate, and the buffer loop when BUFFER_WORKER_ID is set."""
     from deployments.serve import serve
 
-    return serve(args.host, args.port, log_level=args.log_level)
+    return serve(args.host, args.port, log_level=args.log_level, stop_requested=args.stop_requested)
 
 
 def cmd_batch(args) -> int:
@@ -270,10 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func is cmd_serve:
+        args.stop_requested = _catch_stop_signals()
     from tasks.logs import configure_logging
 
-    configure_logging(logging.INFO)  # first: before anything imports Prefect (telemetry off, one log format)
-    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO)  # before anything imports Prefect (telemetry off, one log format)
     from musetalk_engine.errors import MuseTalkError
 
     try:

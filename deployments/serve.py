@@ -34,26 +34,32 @@ stamping it on every sidecar would make different jobs look alike.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import shutil
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prefect import tags
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from deployments.benchmark_job import BenchmarkJob, run_benchmark_job
+from deployments.front_door import JOB_PATHS, FrontDoor, known_job_id, rejected
 from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
 from flows.generate import generate
-from musetalk_engine.errors import MediaError
-from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors, failure_body,
+from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors,
                             failure_outcome, outcome_from_state, progress_error, timed_out, unavailable)
 from tasks.engine import get_engine, serving
 from tasks.settings import Settings, get_settings, redact
@@ -68,6 +74,11 @@ POLL_SEC = 0.25
 # Generous: the temporary server's first start takes 15-20 s on a loaded machine (default timeout 20 s).
 EPHEMERAL_START_TIMEOUT_SEC = 120
 RETRY_AFTER_SEC = "5"
+# At shutdown, how long the model loader may take to finish its current step (a real engine loads in tens
+# of seconds; the temporary Prefect server starts in up to EPHEMERAL_START_TIMEOUT_SEC on a loaded machine).
+LOADER_JOIN_SEC = 150.0
+# How long our child processes get between SIGTERM and SIGKILL when the serve process ends.
+CHILD_STOP_SEC = 8.0
 
 
 class ServeOptions(BaseSettings):
@@ -140,6 +151,10 @@ class WorkerService:
         self._draining = threading.Event()
         self._drain_started: float | None = None
         self._loader: threading.Thread | None = None
+        self._cancel_load = threading.Event()
+        # HTTP jobs queued or rendering, by id: (the request's canonical JSON, its ticket). A second request
+        # with the same id joins the first when it is the same request, else it is a 409 (see take()).
+        self._in_flight: dict[str, tuple[str, Ticket]] = {}
         self.buffer: Any = None
         if self.settings.buffer_enabled:
             from deployments.buffer import BufferLoop
@@ -204,7 +219,8 @@ class WorkerService:
     def start(self) -> None:
         """Begin loading on a background thread (``/hc`` stays 503 until it is done); start buffer mode."""
         if self._loader is None:
-            self._loader = threading.Thread(target=self._load, name="engine-loader", daemon=True)
+            # not a daemon: the interpreter waits for it at exit instead of tearing torch down under it
+            self._loader = threading.Thread(target=self._load, name="engine-loader", daemon=False)
             self._loader.start()
         if self.buffer is not None:
             self.buffer.start()
@@ -220,19 +236,43 @@ class WorkerService:
         return self.ready
 
     def _load(self) -> None:
+        """The loader thread: each step runs to its end (torch loading is native code that cannot be
+        interrupted), and shutdown is honoured between steps."""
         started = time.perf_counter()
         self._sweep_workspaces()
         try:
+            if self._cancel_load.is_set():
+                return
             engine = self._engine_loader(self.settings)
+            if self._cancel_load.is_set():
+                return
             if not getattr(engine, "warm", False):
                 engine.warmup()
             self.engine = engine
+            if self._cancel_load.is_set():
+                return
             api = self._prefect_warmup()
             log.info("worker ready in %.1f s (Prefect API %s)", time.perf_counter() - started, api)
             self._ready.set()
         except Exception as exc:  # noqa: BLE001 — reported by /hc and the heartbeat, never a silent death
             self.load_error = redact(f"{type(exc).__name__}: {exc}")[:500]
             log.error("worker failed to start: %s", self.load_error)
+        finally:
+            if self._cancel_load.is_set() and not self._ready.is_set():
+                log.info("loading stopped: the worker is shutting down")
+
+    def stop_loading(self, timeout: float = LOADER_JOIN_SEC) -> bool:
+        """Tell the loader thread to stop after its current step and wait for it (at most ``timeout``);
+        True once it has ended. An interpreter that exits while torch still loads on another thread
+        aborts ("terminate called without an active exception", exit 134), so shutdown waits here."""
+        self._cancel_load.set()
+        loader = self._loader
+        if loader is None or loader is threading.current_thread():
+            return True
+        loader.join(timeout)
+        if loader.is_alive():
+            log.warning("the model loader is still running after %.0f s", timeout)
+        return not loader.is_alive()
 
     def _sweep_workspaces(self) -> None:
         """Remove job workspaces a killed predecessor left behind (SIGKILL skips every cleanup); no job
@@ -249,10 +289,11 @@ class WorkerService:
                 and time.monotonic() >= self._drain_started + self.options.musetalk_shutdown_grace_sec)
 
     def drain(self) -> None:
-        """Stop taking work (signal-handler safe: it only sets an event)."""
+        """Stop taking work and loading (signal-handler safe: it only sets events)."""
         if self._drain_started is None:
             self._drain_started = time.monotonic()
         self._draining.set()
+        self._cancel_load.set()
 
     def stop(self) -> None:
         """Drain, let the running job finish within the grace period, else abandon it; stop buffer mode."""
@@ -268,6 +309,7 @@ class WorkerService:
             self.queue.abandon(ABANDON_WAIT_SEC)
         if self.buffer is not None:
             self.buffer.stop(timeout=ABANDON_WAIT_SEC)
+        self.stop_loading()
         log.info("worker stopped")
 
     # --- the render thread's work
@@ -309,14 +351,34 @@ class WorkerService:
         refusal = self.admission(job_id)
         if refusal is not None:
             return refusal
+        fingerprint = json.dumps(job, sort_keys=True, default=str)
+        if job_id is not None:
+            held = self._in_flight.get(job_id)
+            if held is not None:
+                if held[0] != fingerprint:
+                    return rejected(f"job {job_id} is already queued or rendering on this worker with a "
+                                    "different request; a job id names one job", status=409, job_id=job_id,
+                                    details={"reason": "duplicate_job_id"})
+                log.info("job %s is already in flight here; this request waits for the same outcome", job_id)
+                return await self.outcome(held[1])
         try:
             ticket = self.queue.submit(job, queue_job_id, run=run, timeout=timeout)
         except QueueFull as exc:
             return unavailable("busy", str(exc), job_id)
         except QueueClosed as exc:
             return unavailable("draining", str(exc), job_id)
+        if job_id is not None:
+            # only the event loop reads and writes this map (take() and the done callback it schedules)
+            self._in_flight[job_id] = (fingerprint, ticket)
+            loop = asyncio.get_running_loop()
+            ticket.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._landed, job_id, ticket))
         log.info("%s accepted (Salad job %s)", f"job {job_id}" if job_id else "benchmark job", queue_job_id or "-")
         return await self.outcome(ticket)
+
+    def _landed(self, job_id: str, ticket: Ticket) -> None:
+        """``ticket`` has its outcome: its id is free again (a later request renders anew)."""
+        if self._in_flight.get(job_id, (None, None))[1] is ticket:
+            del self._in_flight[job_id]
 
     async def outcome(self, ticket: Ticket) -> JobOutcome:
         """Await a ticket's outcome without blocking the event loop; bounded by its timeout."""
@@ -363,11 +425,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
-               options: ServeOptions | None = None) -> FastAPI:
+               options: ServeOptions | None = None, prefect_warmup: Callable[[], Any] | None = None) -> FastAPI:
     """The worker's FastAPI app. ``engine_loader(settings)`` returns a loaded engine (tests inject one;
     the default is the process's cached engine for ``settings``); every job's flow runs on that engine.
-    The flow reads its other settings (storage, progress, work dir) from :func:`tasks.settings.get_settings`."""
-    service = WorkerService(settings, engine_loader=engine_loader, options=options)
+    The flow reads its other settings (storage, progress, work dir) from :func:`tasks.settings.get_settings`.
+    ``prefect_warmup`` replaces :func:`start_prefect_api` (tests of the HTTP layer alone)."""
+    service = WorkerService(settings, engine_loader=engine_loader, options=options, prefect_warmup=prefect_warmup)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -382,12 +445,20 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
                   description="Lip-sync worker: Salad job-queue HTTP contract (DESIGN §4).")
     app.state.service = service
 
+    # every job request is judged by the front door before FastAPI parses it (deployments/front_door.py)
+    app.add_middleware(FrontDoor, settings=lambda: service.settings)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _, body = failure_body(MediaError(_validation_message(exc), stage="validation"), {})
-        raw = exc.body if isinstance(exc.body, dict) else {}
-        body["musetalk_job_id"] = raw.get("musetalk_job_id") if isinstance(raw.get("musetalk_job_id"), str) else None
-        return JSONResponse(body, status_code=422)
+        return _response(rejected(_validation_message(exc), job_id=known_job_id(exc.body)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """On the job paths, FastAPI's own errors (405, a body it could not read) get the contract body."""
+        if request.url.path not in JOB_PATHS:
+            return await http_exception_handler(request, exc)
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return _response(rejected(f"invalid job request: {exc.detail}", status=status))
 
     @app.get("/hc", response_model=HealthBody, responses={503: {"model": HealthBody}},
              summary="Readiness: 200 once the models are loaded and warm")
@@ -438,8 +509,44 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: FastAPI, *, log_level: str = "info"):
-    """A uvicorn server whose SIGTERM/SIGINT first drains the worker, then shuts down gracefully."""
+def stop_children(timeout: float = CHILD_STOP_SEC) -> int:
+    """End every process this one started (Prefect's temporary server, benchmark runs, ffmpeg encoders):
+    SIGTERM, then SIGKILL after ``timeout``. Only for the serve process itself, which owns its children;
+    returns how many there were."""
+    import psutil
+
+    try:  # Prefect's own stop first: it also forgets the server, so its atexit hook has nothing left to do
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()
+    except Exception as exc:  # noqa: BLE001 — the process sweep below still ends it
+        log.warning("stopping Prefect's temporary server: %s", exc)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    if children:
+        log.info("stopped %d child process(es)%s", len(children), f", {len(alive)} killed" if alive else "")
+    return len(children)
+
+
+def make_server(app: FastAPI, *, log_level: str = "info", owns_process: bool = False,
+                stop_requested: threading.Event | None = None):
+    """A uvicorn server whose SIGTERM/SIGINT first drains the worker, then shuts down gracefully.
+
+    With ``owns_process`` (the ``musetalk-flow serve`` process, not a test's thread) the shutdown also
+    waits for the model loader and ends every child process, and a signal ends the process with status 0
+    instead of being raised again (uvicorn re-raises it; SIGTERM's default action would skip every exit
+    hook, SIGINT's would end in a KeyboardInterrupt traceback)."""
     import uvicorn
 
     service: WorkerService = app.state.service
@@ -449,6 +556,28 @@ def make_server(app: FastAPI, *, log_level: str = "info"):
             service.drain()
             super().handle_exit(sig, frame)
 
+        @contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            if not owns_process:
+                with super().capture_signals():
+                    yield
+                return
+            handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            if stop_requested is not None and stop_requested.is_set():  # signalled before these handlers
+                self.handle_exit(signal.SIGTERM, None)
+            try:
+                yield
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets=None) -> None:  # type: ignore[override]
+            await super().shutdown(sockets)
+            if owns_process:
+                service.drain()  # a forced exit (second SIGINT) skipped the lifespan's stop
+                await asyncio.to_thread(service.stop_loading)
+                await asyncio.to_thread(stop_children)
+
     # uvicorn waits for open requests past the grace period, until an abandoned job's 503 has gone out
     graceful = int(service.options.musetalk_shutdown_grace_sec + ABANDON_WAIT_SEC) + 5
     # log_config=None: uvicorn's records go to the process's one configuration (tasks/logs.py)
@@ -457,16 +586,29 @@ def make_server(app: FastAPI, *, log_level: str = "info"):
     return DrainingServer(config)
 
 
-def serve(host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info") -> int:
-    """Run the worker until SIGTERM/SIGINT (``musetalk-flow serve``)."""
+def serve(host: str = "0.0.0.0", port: int = 8000, *, log_level: str = "info",
+          stop_requested: threading.Event | None = None) -> int:
+    """Run the worker until SIGTERM/SIGINT (``musetalk-flow serve``); 0 after a clean shutdown.
+
+    ``stop_requested``: set by the caller's own signal handlers while this module was still importing
+    (torch and Prefect take seconds); such a process stops before it starts anything."""
     from tasks.logs import configure_logging
 
     configure_logging(log_level.upper())
+    if stop_requested is not None and stop_requested.is_set():
+        log.info("stopped before start-up")
+        return 0
     sock = bind_socket(host, port)
     app = create_app()
-    server = make_server(app, log_level=log_level)
+    server = make_server(app, log_level=log_level, owns_process=True, stop_requested=stop_requested)
     configure_logging(log_level.upper())  # again: importing Prefect gave uvicorn's loggers a console of their own
     log.info("serving on %s:%d (buffer mode %s)", host, port,
              "on" if app.state.service.buffer is not None else "off")
     server.run(sockets=[sock])
+    if not app.state.service.stop_loading(0):
+        # the loader is stuck in native code past LOADER_JOIN_SEC: leave without finalizing the interpreter,
+        # which would abort under it (our children are already gone)
+        log.error("exiting while the model loader is still running")
+        logging.shutdown()
+        os._exit(0)
     return 0

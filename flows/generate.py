@@ -21,6 +21,7 @@ from prefect.states import Failed
 
 from musetalk_engine import MODEL_VERSION
 from musetalk_engine.avatar import file_sha256
+from musetalk_engine.metrics import PeakRss
 from tasks.engine import get_engine
 from tasks.fetch import fetch_input, validate_input
 from tasks.contract import JobOutcome, JobRequest, failure_outcome, progress_error
@@ -77,6 +78,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
     logger = get_run_logger()
     job_id = str(job_data.get("musetalk_job_id") or "")
     reporter = ProgressReporter.from_settings(job_id, settings) if job_id else ProgressReporter(None, "")
+    rss = PeakRss().start()
     try:
         with stages("validation"):
             job = JobRequest.parse(job_data)
@@ -126,8 +128,10 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
                 metrics = {
                     "GENERATION_TIME_SEC": round(m.generation_s, 3),
                     "SCRIPT_WALL_TIME_SEC": round(time.perf_counter() - started, 3),
-                    "PEAK_VRAM_MIB": m.peak_vram_nvml_mib or m.peak_vram_mib,
-                    "PEAK_RAM_KB": m.peak_rss_kb,
+                    # no GPU, no VRAM figure (0.0 would claim a measurement)
+                    "PEAK_VRAM_MIB": (m.peak_vram_nvml_mib or m.peak_vram_mib) if m.device.startswith("cuda")
+                    else None,
+                    "PEAK_RAM_KB": rss.peak_kb,  # this job's peak (download to encode), not the process's
                     "gpu_class": settings.gpu_class_name or m.gpu_class,
                     "frames": m.frames, "fps": round(m.fps, 2), "batch_size": m.batch_size,
                     "avatar_cached": avatar_cached,
@@ -145,7 +149,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         body = {"status": "ok", "b2_bucket": stored.bucket, "b2_file_name": stored.file_name,
                 "output_url": stored.output_url, "musetalk_job_id": job.musetalk_job_id,
                 "model_version": MODEL_VERSION, "metrics": metrics}
-        reporter.finish(metrics)
+        reporter.finish(metrics, output_url=stored.output_url)
         logger.info("job %s done: %d frames in %.2fs", job.musetalk_job_id, m.frames, metrics["total_time"])
         return JobOutcome(http_status=200, body=body)
     except Exception as exc:  # every failure becomes the contract's body; nothing escapes as a crash
@@ -154,6 +158,7 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
         logger.warning("job %s failed at %s: %s", job_id, outcome.body["stage"], outcome.body["error_message"])
         return outcome
     finally:
+        rss.stop()
         reporter.close()
 
 

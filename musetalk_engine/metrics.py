@@ -61,8 +61,77 @@ class StageTimer:
 
 
 def peak_rss_kb() -> int:
-    """Peak resident set size of this process in KiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process in KiB (Linux reports ru_maxrss in KiB): the lifetime peak,
+    or the peak since a :class:`PeakRss` reset it."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _status_kb(field: str) -> int | None:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in KiB (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakRss:
+    """Peak resident memory of this process during a block, in KiB — one job's peak, not the process's
+    lifetime peak (a warm worker's lifetime peak is whichever job was largest, for every later job).
+
+    Linux keeps the exact peak (``VmHWM``) and lets a process reset it (``5`` into /proc/self/clear_refs);
+    where that is refused, a thread samples ``VmRSS`` every ``interval`` (short spikes may slip between
+    samples). One block at a time per process: the serve process renders one job at a time."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self._sampled = 0
+        self._reset = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakRss":
+        return self.start()
+
+    def start(self) -> "PeakRss":
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self._reset = True
+        except OSError:
+            self._reset = False
+        self._sample()
+        self._thread = threading.Thread(target=self._poll, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        rss = _status_kb("VmRSS")
+        if rss is not None:
+            self._sampled = max(self._sampled, rss)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @property
+    def peak_kb(self) -> int | None:
+        """The peak so far (None where /proc cannot tell)."""
+        self._sample()
+        hwm = _status_kb("VmHWM") if self._reset else None
+        peak = max(self._sampled, hwm or 0)
+        return peak or None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _nvml():

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from musetalk_engine.avatar import PrepareParams
 from musetalk_engine.errors import JOB_STAGES, MediaError, MuseTalkError
 from musetalk_engine.framing import validate_framing
+from tasks.logs import scrub_urls
 from tasks.settings import redact
 
 __all__ = ["JOB_STAGES", "JobParams", "JobRequest", "JobMetrics", "JobSuccess", "JobFailure", "JobOutcome",
@@ -137,7 +138,11 @@ class JobOutcome(BaseModel):
 def describe_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     """pydantic's validation errors as one line, ``field.path: message; …`` (a request's body itself is
     ``body``), for the 422 that names what was wrong."""
-    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+    def part(p: Any) -> str:  # a key the customer chose may be as long as the body: the reason must still show
+        text = str(p)
+        return text if len(text) <= 64 else text[:64] + "…"
+
+    return "; ".join(f"{'.'.join(part(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                      for e in errors)
 
 
@@ -180,7 +185,8 @@ def failure_body(exc: BaseException, stage_times: dict[str, float], stage: str =
     else:  # an unexpected crash is a worker fault; retrying on another worker may help
         status = 500
         body = {"status": "failed", "error_type": "processing_error",
-                "error_message": f"{type(exc).__name__}: {exc}"[:500], "stage": stage, "details": {},
+                # scrubbed: a library's message may quote a URL with its signature (or an internal one)
+                "error_message": scrub_urls(f"{type(exc).__name__}: {exc}")[:500], "stage": stage, "details": {},
                 "retryable": True}
     body["stage_times"] = stage_times
     return status, body

@@ -119,6 +119,43 @@ def _blocked(address: str) -> bool:
     return not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified
 
 
+def _invalid_url(kind: str) -> MediaError:
+    return MediaError(f"{_label(kind)} is not a valid URL", stage="download")
+
+
+def check_url_form(url: str, kind: str, settings: Settings) -> None:
+    """The URL's form alone, with no network: length (``MUSETALK_MAX_URL_CHARS``), scheme (http/https;
+    local files only with ``MUSETALK_ALLOW_LOCAL_FILES``), and a host and request that can be built.
+
+    Anything that fails to build here would fail to build a request later: it is the customer's error (a
+    :class:`MediaError`, final), never a worker fault. The HTTP front door runs this before a job is queued."""
+    label = _label(kind)
+    limit = settings.musetalk_max_url_chars
+    if len(url) > limit:
+        raise MediaError(f"{label} is longer than {limit} characters", stage="download")
+    if url.startswith("file://") or "://" not in url:
+        if not settings.musetalk_allow_local_files:
+            raise MediaError(f"{label} must be an http(s) URL; local files are not accepted here",
+                             stage="download")
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 — raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise _invalid_url(kind) from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise MediaError(f"{label} must use http or https (got {parts.scheme or 'no'} scheme)",
+                         stage="download", details={"url": display_url(url)})
+    host = parts.hostname
+    if not host:
+        raise MediaError(f"{label} has no host name", stage="download")
+    try:
+        httpx.Request("GET", url)  # what the download will build: IDNA host, printable characters
+        host.encode("idna")  # what the resolver will need: labels of 1-63 characters
+    except Exception:  # noqa: BLE001 — InvalidURL, IDNAError, UnicodeError, ValueError: all the URL's fault
+        raise _invalid_url(kind) from None
+
+
 def check_url_allowed(url: str, settings: Settings, kind: str = "input") -> None:
     """SSRF guard for one URL (one redirect hop): scheme http(s) and only public addresses.
 
@@ -145,6 +182,8 @@ def check_url_allowed(url: str, settings: Settings, kind: str = "input") -> None
             raise _Transient(f"DNS lookup of {host} failed temporarily") from None
         raise MediaError(f"{label} host {host!r} could not be resolved", stage="download",
                          details={"url": display_url(url)}) from None
+    except (UnicodeError, ValueError):  # a label too long or empty, a NUL: a name no resolver takes
+        raise _invalid_url(kind) from None
     for *_, sockaddr in infos:
         if _blocked(str(sockaddr[0])):
             raise MediaError(
@@ -311,7 +350,13 @@ def _fetch_once(client: httpx.Client, url: str, tmp: Path, kind: str, settings: 
     for _ in range(MAX_REDIRECTS + 1):
         check_url_allowed(current, settings, kind)
         try:
-            response = client.send(client.build_request("GET", current, headers=headers), stream=True)
+            request = client.build_request("GET", current, headers=headers)
+        except Exception:  # noqa: BLE001 — a URL (or redirect target) no request can be built from
+            raise _invalid_url(kind) from None
+        try:
+            response = client.send(request, stream=True)
+        except httpx.UnsupportedProtocol:
+            raise _invalid_url(kind) from None
         except httpx.TimeoutException:
             raise _Transient("timed out") from None
         except httpx.RemoteProtocolError:
@@ -321,7 +366,11 @@ def _fetch_once(client: httpx.Client, url: str, tmp: Path, kind: str, settings: 
         try:
             check_peer(response, settings, kind)
             if response.is_redirect:
-                current = str(response.url.join(response.headers["location"]))
+                try:
+                    current = str(response.url.join(response.headers["location"]))
+                except Exception:  # noqa: BLE001 — the customer's server sent a Location no URL parses from
+                    raise MediaError(f"{_label(kind)} redirects to an invalid URL", stage="download",
+                                     details={"url": display_url(url)}) from None
                 if current in seen:
                     raise MediaError(f"{_label(kind)} redirects in a loop", stage="download",
                                      details={"url": display_url(url)})
@@ -353,6 +402,7 @@ def download(url: str, dest: Path, kind: Kind, settings: Settings | None = None,
     settings = settings or get_settings()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    check_url_form(url, kind, settings)
     local = _local_source(url, settings, kind)
     if local is not None:
         return _copy_local(local, dest, kind, settings)
@@ -480,6 +530,10 @@ def check_media(info: MediaInfo, kind: Kind, settings: Settings) -> None:
             raise fail("has no video track" + (" (it is an audio file)" if info.has_audio else ""))
         if not info.width or not info.height:
             raise fail("has no readable picture size")
+        long_side, short_side = settings.musetalk_max_input_long_side, settings.musetalk_max_input_short_side
+        if max(info.width, info.height) > long_side or min(info.width, info.height) > short_side:
+            raise fail(f"is {info.width}x{info.height}; the largest accepted picture is "
+                       f"{long_side}x{short_side} (either orientation)")
         if info.is_image:
             return  # a still avatar: no duration to check
         limit = settings.musetalk_max_video_sec

@@ -135,7 +135,7 @@ class OrchestratorClient:
     # --- progress (best effort)
 
     def progress(self, job_id: str, status: Status, progress: float, phase: Phase,
-                 metrics: dict[str, Any] | None = None, error: Any = None) -> bool:
+                 metrics: dict[str, Any] | None = None, error: Any = None, output_url: str | None = None) -> bool:
         """POST the job's progress; never raises, returns True on a 2xx."""
         path = f"/internal/jobs/{_quote(job_id)}/progress"
         if status not in STATUSES or phase not in PHASES:
@@ -147,6 +147,8 @@ class OrchestratorClient:
             body["metrics"] = metrics
         if error is not None:
             body["error"] = error
+        if output_url is not None:
+            body["output_url"] = output_url
         try:
             return self._post(self.base_url, path, body).is_success
         except OrchestratorError:
@@ -227,11 +229,12 @@ class ProgressReporter:
         return self._client is not None
 
     def update(self, phase: Phase, progress: float, *, status: Status = "running",
-               metrics: dict[str, Any] | None = None, error: Any = None) -> None:
+               metrics: dict[str, Any] | None = None, error: Any = None, output_url: str | None = None) -> None:
         """Record the job's state (never blocks on the network, never raises)."""
         if self._client is None:
             return
-        state = {"status": status, "progress": progress, "phase": phase, "metrics": metrics, "error": error}
+        state = {"status": status, "progress": progress, "phase": phase, "metrics": metrics, "error": error,
+                 "output_url": output_url}
         with self._cond:
             if self._closed:
                 return
@@ -242,9 +245,9 @@ class ProgressReporter:
             else:
                 self._held = state
 
-    def finish(self, metrics: dict[str, Any] | None = None) -> None:
-        """The job succeeded."""
-        self.update("completed", 1.0, status="succeeded", metrics=metrics)
+    def finish(self, metrics: dict[str, Any] | None = None, output_url: str | None = None) -> None:
+        """The job succeeded; the final update carries where its result is (``output_url``)."""
+        self.update("completed", 1.0, status="succeeded", metrics=metrics, output_url=output_url)
 
     def fail(self, error: Any, metrics: dict[str, Any] | None = None) -> None:
         """The job failed (progress stays where it was)."""

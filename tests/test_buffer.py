@@ -266,6 +266,10 @@ def test_claimed_job_renders_while_heartbeats_and_progress_keep_flowing(buffer_e
     progress = fake.of("/internal/jobs/job-7/progress")
     phases = [p["body"]["phase"] for p in progress]
     assert phases[0] == "preparing" and "inferring" in phases and phases[-1] == "completed"
+    # the final update says where the result is; metrics mean what they say on a CPU worker
+    assert progress[-1]["body"]["output_url"] == body["output_url"]
+    assert body["metrics"]["PEAK_VRAM_MIB"] is None
+    assert 0 < body["metrics"]["PEAK_RAM_KB"]
     assert progress[0]["at"] < render_start < report["at"]
     assert report["at"] - progress[0]["at"] > spy.delay * 0.8
     assert all(p["body"]["worker_id"] == "gpu-box-1" for p in progress)
