@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="result JSON to write")
     p.add_argument("--config", type=Path, default=None,
                    help="a BenchmarkConfig JSON file: what to measure (the measurement flags below are ignored)")
-    p.add_argument("--models", type=Path, default=None, help="models directory (required for 'real')")
+    p.add_argument("--models", type=Path, default=None, help="models directory for 'real' (default $MUSETALK_MODELS_DIR)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where generated models and media are kept (default $MUSETALK_CACHE_DIR/benchmark)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, help="e.g. 4,8 (default per profile)")

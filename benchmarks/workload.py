@@ -8,23 +8,23 @@ work directory keyed by their settings.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from benchmarks.schema import Profile, Workload
 
-DEFAULT_WORK_DIR = Path.home() / ".cache" / "musetalk-flow" / "benchmark"
-
 # Random-weight sizes of musetalk_engine.tiny per profile; "real" uses the released weights.
 _RANDOM_SIZES = {"tiny": "tiny", "full-random": "full"}
 
 
 def default_work_dir() -> Path:
-    """`$MUSETALK_CACHE_DIR/benchmark` when set, else ~/.cache/musetalk-flow/benchmark."""
-    cache = os.environ.get("MUSETALK_CACHE_DIR")
-    return Path(cache) / "benchmark" if cache else DEFAULT_WORK_DIR
+    """``benchmark/`` in the project's cache (``MUSETALK_CACHE_DIR`` under ``MUSETALK_WORKDIR``), the
+    same place the CLI and the workers keep their avatars."""
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    return settings.resolve(settings.musetalk_cache_dir) / "benchmark"
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,17 @@ def profile_models(profile: Profile, work_dir: Path, models_dir: Optional[Path] 
     """The models directory of a profile.
 
     `tiny` / `full-random`: seeded random weights in the released layout, written once under
-    `work_dir/models-<size>/` (`full` writes ≈ 3.5 GB). `real`: `models_dir` (the released weights),
-    which is required. An explicit `models_dir` wins for every profile.
+    `work_dir/models-<size>/` (`full` writes ≈ 3.5 GB). `real`: `models_dir`, else the configured
+    ``MUSETALK_MODELS_DIR`` (the released weights, as the workers use them). An explicit `models_dir`
+    wins for every profile.
     """
     if models_dir is not None:
         return Path(models_dir)
     if profile == "real":
-        raise ValueError("the 'real' profile needs --models DIR (the released MuseTalk v1.5 weights)")
+        from tasks.settings import get_settings
+
+        settings = get_settings()
+        return settings.resolve(settings.musetalk_models_dir)
     size = _RANDOM_SIZES[profile]
     root = Path(work_dir) / f"models-{size}"
     marker = root / "tiny.json"  # written last by make_models: its presence means complete

@@ -51,7 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prefect import tags
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -62,7 +62,8 @@ from flows.generate import generate
 from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors,
                             failure_outcome, outcome_from_state, progress_error, timed_out, unavailable)
 from tasks.engine import get_engine, serving
-from tasks.settings import Settings, get_settings, redact
+from deployments.prefect_api import start_prefect_api  # noqa: F401  (tests import it from here)
+from tasks.settings import Settings, get_settings, redact, settings_config
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ log = logging.getLogger(__name__)
 TIMEOUT_MARGIN_SEC = 15.0
 # The waiting request re-checks draining this often (a signal handler must not touch asyncio objects).
 POLL_SEC = 0.25
-# Generous: the temporary server's first start takes 15-20 s on a loaded machine (default timeout 20 s).
-EPHEMERAL_START_TIMEOUT_SEC = 120
 RETRY_AFTER_SEC = "5"
 # At shutdown, how long the model loader may take to finish its current step (a real engine loads in tens
 # of seconds; the temporary Prefect server starts in up to EPHEMERAL_START_TIMEOUT_SEC on a loaded machine).
@@ -84,7 +83,7 @@ CHILD_STOP_SEC = 8.0
 class ServeOptions(BaseSettings):
     """Knobs of the serve process that only it reads (environment, ``MUSETALK_`` prefix)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+    model_config = settings_config()
 
     # Jobs that may wait while one renders; beyond that /generate answers 503 (retryable). Salad's worker
     # sends one job at a time, so this only matters for direct callers.
@@ -106,27 +105,6 @@ EngineLoader = Callable[[Settings], Any]
 def default_engine_loader(settings: Settings) -> Any:
     """The process's cached engine for ``settings`` (:func:`tasks.engine.get_engine`)."""
     return get_engine(settings)
-
-
-def start_prefect_api() -> str:
-    """Make sure the Prefect API answers before the first job: start the temporary server when no
-    ``PREFECT_API_URL`` is set (the flows of this process reuse it), then health-check it."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    api = PREFECT_API_URL.value()
-    if not api:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()  # the process-wide instance that the flows' clients use too
-        server.start(timeout=max(EPHEMERAL_START_TIMEOUT_SEC,
-                                 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-        api = server.api_url
-    with get_client(sync_client=True) as client:
-        problem = client.api_healthcheck()
-    if problem is not None:
-        raise RuntimeError(f"the Prefect API at {api} is not healthy: {problem}")
-    return api
 
 
 Health = Literal["ok", "loading", "error", "stuck", "draining"]

@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
 from musetalk_engine.video import display_rotation
-from tasks.settings import Settings, get_settings
+from tasks.settings import ALLOWLIST_ENV, Settings, get_settings
 from tasks.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -184,22 +184,31 @@ def check_url_allowed(url: str, settings: Settings, kind: str = "input") -> None
                          details={"url": display_url(url)}) from None
     except (UnicodeError, ValueError):  # a label too long or empty, a NUL: a name no resolver takes
         raise _invalid_url(kind) from None
+    allow = settings.private_url_allowlist
+    if allow.allows_host(host):
+        return
     for *_, sockaddr in infos:
-        if _blocked(str(sockaddr[0])):
+        address = str(sockaddr[0])
+        if _blocked(address) and not allow.allows_address(address):
             raise MediaError(
                 f"{label} points to a private or reserved network address ({host}); only public "
-                "URLs are accepted", stage="download", details={"url": display_url(url)})
+                f"URLs are accepted unless the operator lists the host or network in {ALLOWLIST_ENV}",
+                stage="download", details={"url": display_url(url)})
 
 
 def check_peer(response: httpx.Response, settings: Settings, kind: str) -> None:
     """Re-check the address actually connected to (DNS may have changed since the guard resolved it)."""
     if settings.musetalk_allow_private_urls:
         return
+    allow = settings.private_url_allowlist
+    if allow.allows_host(response.url.host):
+        return
     stream = response.extensions.get("network_stream")
     peer = stream.get_extra_info("server_addr") if stream is not None else None
-    if peer and _blocked(str(peer[0])):
+    if peer and _blocked(str(peer[0])) and not allow.allows_address(str(peer[0])):
         raise MediaError(f"{_label(kind)} connected to a private network address; only public URLs "
-                         "are accepted", stage="download", details={"url": display_url(str(response.url))})
+                         f"are accepted unless the operator lists the host or network in {ALLOWLIST_ENV}",
+                         stage="download", details={"url": display_url(str(response.url))})
 
 
 # ------------------------------------------------------------------------------------------ sniffing
@@ -518,9 +527,10 @@ def parse_probe(data: dict[str, Any], kind: Kind) -> MediaInfo:
     )
 
 
-def check_media(info: MediaInfo, kind: Kind, settings: Settings) -> None:
-    """Apply the input rules; raises :class:`MediaError` (stage validation) naming the input."""
-    label = _label(kind)
+def check_media(info: MediaInfo, kind: Kind, settings: Settings, label: str | None = None) -> None:
+    """Apply the input rules; raises :class:`MediaError` (stage validation) naming the input (``label``,
+    default "the video URL"; the CLI names its option and file instead)."""
+    label = label or _label(kind)
 
     def fail(message: str) -> MediaError:
         return MediaError(f"{label} {message}", stage="validation", details=info.model_dump())
@@ -548,7 +558,7 @@ def check_media(info: MediaInfo, kind: Kind, settings: Settings) -> None:
 
 
 def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
-                timeout: float = PROBE_TIMEOUT_SEC) -> MediaInfo:
+                timeout: float = PROBE_TIMEOUT_SEC, label: str | None = None) -> MediaInfo:
     """Probe ``path`` with ffprobe and check it is a usable ``kind`` input.
 
     ffprobe is run directly (ffmpeg-python's ``probe`` has no timeout): ``-protocol_whitelist file``
@@ -558,7 +568,7 @@ def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
     need no whitelist of their own: they only ever see files this probe accepted.
     """
     settings = settings or get_settings()
-    label = _label(kind)
+    label = label or _label(kind)
     args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file",
             "-format_whitelist", ",".join(ALLOWED_DEMUXERS), "-show_format", "-show_streams",
             "-of", "json", f"file:{Path(path).resolve()}"]
@@ -584,7 +594,7 @@ def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
     except ValueError:
         raise MediaError(f"{label} is not a readable {kind} file", stage="validation") from None
     info = parse_probe(data, kind)
-    check_media(info, kind, settings)
+    check_media(info, kind, settings, label)
     return info
 
 

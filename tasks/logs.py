@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 # Prefect 3.9 reads these: DO_NOT_TRACK stops the SDK's analytics (started on `import prefect`),
@@ -265,3 +266,49 @@ def reset_logging() -> None:
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
         root.removeHandler(old)
+
+
+# ------------------------------------------------------------------------------------- command line
+
+# Libraries whose INFO and own WARNING notices are noise on a terminal at the CLI's default verbosity
+# (diffusers' "should be kept in float32" notices, transformers' advisories, httpx's request lines).
+NOISY_LOGGERS = ("httpx", "httpcore", "diffusers", "transformers", "huggingface_hub", "urllib3", "PIL",
+                 "matplotlib", "asyncio")
+# Read by the Hugging Face libraries at import, so set before anything imports them.
+HF_QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Loading weights" / "Writing model shards" bars
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+# Prefect's console handler echoes every flow/task-run log line; logging.yml keys can be overridden from
+# the environment, which Prefect reads when it configures logging (its import).
+PREFECT_CONSOLE_LEVEL_ENV = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
+# ... and its root level, which Prefect's logging.yml otherwise resets to WARNING on import (-v lost).
+PREFECT_ROOT_LEVEL_ENV = "PREFECT_LOGGING_ROOT_LEVEL"
+
+
+def configure_cli(verbosity: int = 0) -> logging.Handler:
+    """:func:`configure_logging` for a person at a terminal; call before importing torch, diffusers or Prefect.
+
+    ``0``: the console shows WARNING and above from this project only — third-party loggers at ERROR,
+    Python warnings and Hugging Face progress bars off, Prefect's run-log echo off. ``1`` (``-v``): INFO
+    from everything, library warnings and bars back. ``2`` (``-vv``): DEBUG. Only the console is quieted:
+    run logs still reach the Prefect server (its API handler sits on Prefect's own loggers). Variables the
+    user set explicitly win.
+    """
+    quiet = verbosity <= 0
+    level = logging.WARNING if quiet else (logging.INFO if verbosity == 1 else logging.DEBUG)
+    if quiet:
+        for name, value in HF_QUIET_ENV.items():
+            os.environ.setdefault(name, value)
+        os.environ.setdefault(PREFECT_CONSOLE_LEVEL_ENV, "WARNING")
+        warnings.simplefilter("ignore")  # this project raises none; every one is a library's notice
+    os.environ.setdefault(PREFECT_ROOT_LEVEL_ENV, logging.getLevelName(level))
+    handler = configure_logging(level)
+    # Prefect's run loggers log INFO whatever the root level (PREFECT_LOGGING_LEVEL): the console
+    # handler, not the loggers, is where the CLI turns them down
+    handler.setLevel(level)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
+    return handler

@@ -1,13 +1,19 @@
-"""The one place configuration is read: environment variables → a typed :class:`Settings`.
+"""The one place configuration is read: environment variables and ``.env`` → a typed :class:`Settings`.
 
 Names follow DESIGN §7 exactly (they are fixed by existing deployments); project-only settings carry a
 ``MUSETALK_`` prefix. Field names are the lower-cased variable names, so ``Settings(b2_prefix="x")`` and
 ``B2_PREFIX=x`` mean the same thing. Empty variables count as unset (``env_ignore_empty``), so
 ``ORCHESTRATOR_BASE_URL=`` in a compose file disables progress reporting instead of breaking it.
 
+Every entry point (CLI ``generate``/``demo``/``batch``/``serve``/``deploy``, the flows, the benchmarks)
+reads this class, so one ``.env`` or one exported variable configures them all. Values come from the
+environment first, then from ``.env`` in the current directory (``MUSETALK_ENV_FILE`` names another file).
+
 Relative paths (result dir, models, cache, UNet files) are relative to ``MUSETALK_WORKDIR``; use
 :meth:`Settings.resolve`. The workdir defaults to ``/app`` (the container layout) when that directory
-exists, else to the current directory, so a dev machine works without configuration.
+exists, else to ``$XDG_DATA_HOME/musetalk-flow`` (``~/.local/share/musetalk-flow``): never the current
+directory, so running a command from a checkout does not scatter ``cache/``, ``results/`` and ``tmp/``
+into it.
 
 Secrets (``INTERNAL_API_KEY``, ``B2_APP_KEY``, ``SALAD_API_KEY``, ``MUSETALK_WEBHOOK_SECRET``) are ``SecretStr``: their repr is
 masked, and :class:`RedactSecrets` scrubs their plain values from log records as a second line of defence.
@@ -15,13 +21,16 @@ masked, and :class:`RedactSecrets` scrubs their plain values from log records as
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import socket
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REDACTED = "***"
@@ -30,16 +39,36 @@ REDACTED = "***"
 MIN_REDACT_LEN = 4
 
 
+APP_DIR = Path("/app")
+APP_NAME = "musetalk-flow"
+
+
 def _default_workdir() -> Path:
-    """``/app`` inside the worker image, the current directory elsewhere (dev machines, CI)."""
-    app = Path("/app")
-    return app if app.is_dir() else Path.cwd()
+    """``/app`` inside the worker image, the per-user data directory elsewhere (dev machines, CI)."""
+    if APP_DIR.is_dir():
+        return APP_DIR
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / APP_NAME
+
+
+def env_file() -> str:
+    """The dotenv file every settings class reads (``MUSETALK_ENV_FILE``, default ``.env``); a missing
+    file is simply not read."""
+    return os.environ.get("MUSETALK_ENV_FILE") or ".env"
+
+
+def settings_config() -> SettingsConfigDict:
+    """The one source configuration of every settings class of the project: environment, then the
+    dotenv file; names case-insensitive; empty values unset; unknown names ignored (the same ``.env``
+    holds Prefect's and other tools' variables)."""
+    return SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore",
+                              env_file=env_file(), env_file_encoding="utf-8")
 
 
 class Settings(BaseSettings):
     """Worker configuration from the environment (DESIGN §7 names plus ``MUSETALK_*`` project settings)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+    model_config = settings_config()
 
     # --- orchestrator (DESIGN §5)
     orchestrator_base_url: str | None = None
@@ -89,8 +118,13 @@ class Settings(BaseSettings):
     musetalk_download_retry_base_sec: float = Field(1.0, ge=0)
     musetalk_job_timeout_sec: float = Field(1800.0, gt=0)
     musetalk_b2_upload_timeout_sec: float = Field(300.0, gt=0)
-    # SSRF guard: refuse URLs that resolve to loopback/private/link-local/... addresses unless true.
+    # SSRF guard off entirely (loopback/private addresses allowed). Tests only: production uses the
+    # allowlist below.
     musetalk_allow_private_urls: bool = False
+    # Operator allowlist for media on private networks: comma-separated host names (exact, or
+    # ``.example.internal`` for a domain and its subdomains) and IPs/CIDRs (``10.20.0.0/16``). Everything
+    # else non-public stays refused.
+    musetalk_private_url_allowlist: str = ""
     # Plain paths and file:// inputs, for the CLI and batch runs; never for the public HTTP endpoint.
     musetalk_allow_local_files: bool = False
 
@@ -107,7 +141,23 @@ class Settings(BaseSettings):
     musetalk_landmarks: str = "auto"
     musetalk_batch_size: int | None = Field(None, ge=1)
 
+    # --- Prefect
+    # Start timeout of the temporary Prefect server (no PREFECT_API_URL). Prefect's own default (20 s) is
+    # shorter than a cold start on a loaded machine: `musetalk-flow batch` failed 2 of 4 times on it.
+    musetalk_prefect_start_timeout_sec: float = Field(120.0, gt=0)
+
+    @field_validator("musetalk_private_url_allowlist")
+    @classmethod
+    def _valid_allowlist(cls, value: str) -> str:
+        parse_allowlist(value)  # a typo in a CIDR fails at start, not as a refused job later
+        return value
+
     # --- computed helpers
+    @property
+    def private_url_allowlist(self) -> "PrivateAllowlist":
+        """The parsed ``MUSETALK_PRIVATE_URL_ALLOWLIST``."""
+        return parse_allowlist(self.musetalk_private_url_allowlist)
+
     @property
     def orchestrator_url(self) -> str | None:
         """Progress endpoint base (no trailing slash), or None when progress reporting is off."""
@@ -149,6 +199,49 @@ class Settings(BaseSettings):
         """An absolute path: relative paths are taken relative to ``MUSETALK_WORKDIR``."""
         path = Path(path).expanduser()
         return path if path.is_absolute() else self.musetalk_workdir / path
+
+
+ALLOWLIST_ENV = "MUSETALK_PRIVATE_URL_ALLOWLIST"
+
+
+@dataclass(frozen=True)
+class PrivateAllowlist:
+    """Private hosts and networks an operator lets the SSRF guard reach (``MUSETALK_PRIVATE_URL_ALLOWLIST``)."""
+
+    hosts: frozenset[str] = frozenset()
+    domains: tuple[str, ...] = ()  # ".media.internal": that domain and every subdomain
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def allows_host(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return host in self.hosts or any(host == d[1:] or host.endswith(d) for d in self.domains)
+
+    def allows_address(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.domains or self.networks)
+
+
+def parse_allowlist(text: str) -> PrivateAllowlist:
+    """``"media.internal, .corp.example, 10.20.0.0/16, 192.168.1.7"`` → a :class:`PrivateAllowlist`."""
+    hosts, domains, networks = set(), [], []
+    for raw in (text or "").split(","):
+        entry = raw.strip().lower().rstrip(".")
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            continue
+        except ValueError:
+            pass
+        if "/" in entry or not all(part.replace("-", "").isalnum() for part in entry.lstrip(".").split(".")):
+            raise ValueError(f"{ALLOWLIST_ENV}: {raw.strip()!r} is neither a host name nor an IP network")
+        (domains.append(entry) if entry.startswith(".") else hosts.add(entry))
+    return PrivateAllowlist(frozenset(hosts), tuple(domains), tuple(networks))
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 # Prefect reads its settings at import, so this must be set here: the temporary server needs more than
 # the default 20 s to start on a loaded 2-core CI machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Settings read .env from the current directory: a developer's own .env must not change test outcomes.
+os.environ.setdefault("MUSETALK_ENV_FILE", os.path.join(_home, "no.env"))
 
 
 def pytest_unconfigure(config):

@@ -1,8 +1,17 @@
-"""`musetalk-flow models …` and `generate`, run in-process through ``deployments.cli.main``."""
+"""`musetalk-flow`: the installed console script, run as a user runs it (a subprocess), plus the
+``models`` subcommands in-process.
+
+Mistakes on the command line must fail before any model loads: one line on stderr, exit code 2, within
+a few seconds (before this was checked they took 17-64 s and two ended in tracebacks)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +20,137 @@ from tests.media import ffprobe
 
 pytest_plugins = ["tests.fixtures_engine"]
 
+SCRIPT = Path(sys.executable).with_name("musetalk-flow")
+# Measured on an idle 2-core machine: 0.1 s for a missing file or output directory, ~2.5 s when ffprobe
+# runs (importing Prefect), ~4.5 s for the models check (importing torch); 13-21 s at a load average of
+# 11 (five sessions' test suites at once). Loading models and preparing an avatar took 17-64 s on an idle
+# machine, so this still tells "failed fast" apart.
+FAST_S = 30.0
+
+
+def run_cli(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the console script; ``env`` entries set to None are removed from its environment."""
+    merged = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
+    started = time.perf_counter()
+    proc = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=timeout)
+    return proc, time.perf_counter() - started
+
+
+@pytest.fixture
+def home(tmp_path) -> dict[str, str]:
+    """An isolated user: data directory, no .env, and the CWD-free default locations under it."""
+    data = tmp_path / "xdg"
+    return {"XDG_DATA_HOME": str(data), "MUSETALK_ENV_FILE": str(tmp_path / "absent.env")}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, seconds: float, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("musetalk-flow: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert seconds < FAST_S, f"took {seconds:.1f}s to report {lines[0]!r}"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- fail fast, speak plainly
+
+def test_missing_input_file_fails_at_once(media, tmp_path, home):
+    proc, seconds = run_cli("generate", "--video", str(tmp_path / "nope.mp4"), "--audio", str(media.speech),
+                            "--out", str(tmp_path / "o.mp4"), env=home)
+    assert_one_line_error(proc, seconds, "--video", "nope.mp4", "no such file")
+
+
+def test_audio_passed_as_video_is_named(media, tmp_path, home):
+    proc, seconds = run_cli("generate", "--video", str(media.speech), "--audio", str(media.speech),
+                            "--out", str(tmp_path / "o.mp4"), env=home)
+    assert_one_line_error(proc, seconds, "--video", "speech.wav", "no video track", "audio file")
+
+
+def test_video_without_sound_passed_as_audio_is_named(media, tmp_path, home):
+    proc, seconds = run_cli("generate", "--video", str(media.video), "--audio", str(media.video),
+                            "--out", str(tmp_path / "o.mp4"), env=home)
+    assert_one_line_error(proc, seconds, "--audio", "no audio track")
+
+
+def test_output_in_a_missing_directory_fails_at_once(media, tmp_path, home):
+    out = tmp_path / "no-such-dir" / "o.mp4"
+    proc, seconds = run_cli("generate", "--video", str(media.video), "--audio", str(media.speech),
+                            "--out", str(out), env=home)
+    assert_one_line_error(proc, seconds, "--out", f"directory {out.parent} does not exist")
+
+
+def test_missing_models_are_named_with_the_fix(media, tmp_path, home):
+    proc, seconds = run_cli("generate", "--video", str(media.still), "--audio", str(media.short_speech),
+                            "--out", str(tmp_path / "x.mp4"), "--models", str(tmp_path / "none"), env=home)
+    assert_one_line_error(proc, seconds, "unet.pth", "musetalk-flow models download")
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_models_dir_comes_from_the_environment_and_dotenv(media, tmp_path, home):
+    """`generate` honours MUSETALK_MODELS_DIR, from the environment or from .env in the current
+    directory (the environment wins)."""
+    from_env = tmp_path / "models-from-env"
+    proc, seconds = run_cli("generate", "--video", str(media.still), "--audio", str(media.short_speech),
+                            "--out", str(tmp_path / "x.mp4"), env={**home, "MUSETALK_MODELS_DIR": str(from_env)})
+    assert_one_line_error(proc, seconds, f"models directory {from_env}:")
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".env").write_text("MUSETALK_MODELS_DIR=/srv/from-dotenv\n")
+    dotenv = {**home, "MUSETALK_ENV_FILE": None}  # the default: .env in the current directory
+    proc, seconds = run_cli("generate", "--video", str(media.still), "--audio", str(media.short_speech),
+                            "--out", str(tmp_path / "x.mp4"), env=dotenv, cwd=project)
+    assert_one_line_error(proc, seconds, "models directory /srv/from-dotenv:")
+
+
+@pytest.mark.parametrize("argv", [["models"], ["generate", "--video", "v.mp4"], []])
+def test_bad_arguments_exit_with_usage(argv):
+    proc, _ = run_cli(*argv)
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr
+
+
+def test_version_and_help_on_every_option():
+    proc, _ = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("musetalk-flow ") and "musetalk-v1.5" in proc.stdout
+    from deployments.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_generate_writes_the_output_quietly(tiny_models, media, tmp_path, home):
+    """One summary line on stdout, nothing on stderr: no diffusers float32 notices, no weight-loading
+    bars, no JSON dump; -v brings the stage times back."""
+    out = tmp_path / "out" / "talk.mp4"
+    out.parent.mkdir()
+    args = ["generate", "--video", str(media.still), "--audio", str(media.short_speech), "--out", str(out),
+            "--models", str(tiny_models), "--batch-size", "4"]
+    proc, _ = run_cli(*args, env=home)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {out}: 10 frames") and "avatar prepared" in lines[0]
+    assert sorted(s["codec_name"] for s in ffprobe(out)["streams"]) == ["aac", "h264"]
+    # the avatar went to the configured cache, not the current directory or ~/.cache
+    assert list((Path(home["XDG_DATA_HOME"]) / "musetalk-flow" / "cache" / "avatars").iterdir())
+
+    proc, _ = run_cli(*args, "-v", env=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "avatar from cache" in proc.stdout and "prepare" in proc.stdout.splitlines()[1]
+    assert "engine loaded" in proc.stderr  # INFO logs are back with -v
+
+
+# ------------------------------------------------------------------------------- models, in-process
 
 def test_make_tiny_then_check(tmp_path, capsys):
     models = tmp_path / "models"
@@ -30,7 +170,6 @@ def test_check_on_an_empty_dir_names_the_missing_files(tmp_path, capsys):
 
 
 def test_check_names_a_single_missing_file(tiny_models, tmp_path, capsys):
-    import os
     import shutil
 
     models = tmp_path / "models"
@@ -39,34 +178,3 @@ def test_check_names_a_single_missing_file(tiny_models, tmp_path, capsys):
     assert main(["models", "check", str(models)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"missing: {models / 'whisper' / 'preprocessor_config.json'}"]
-
-
-def test_generate_writes_the_output(tiny_models, media, tmp_path, capsys):
-    out = tmp_path / "out" / "talk.mp4"
-    out.parent.mkdir()
-    rc = main(["generate", "--video", str(media.still), "--audio", str(media.short_speech), "--out", str(out),
-               "--models", str(tiny_models), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
-    assert rc == 0
-    assert out.is_file()
-    codecs = sorted(s["codec_name"] for s in ffprobe(out)["streams"])
-    assert codecs == ["aac", "h264"]
-    printed = capsys.readouterr().out
-    assert str(out) in printed and "10 frames" in printed and "avatar prepared" in printed
-
-
-def test_generate_with_missing_models_exits_2_naming_the_file(media, tmp_path, capsys):
-    rc = main(["generate", "--video", str(media.still), "--audio", str(media.short_speech),
-               "--out", str(tmp_path / "x.mp4"), "--models", str(tmp_path / "none"),
-               "--cache-dir", str(tmp_path / "cache")])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "unet.pth" in err and "musetalk-flow models download" in err
-    assert not (tmp_path / "x.mp4").exists()
-
-
-@pytest.mark.parametrize("argv", [["models"], ["generate", "--video", "v.mp4"]])
-def test_bad_arguments_exit_with_usage(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert "usage:" in capsys.readouterr().err

@@ -289,6 +289,38 @@ def test_ssrf_guard_refuses_non_public_addresses(tmp_path, url):
     assert _fetch(tmp_path, script, url=url, musetalk_allow_private_urls=True).read_bytes() == MEDIA
 
 
+def test_operator_allowlist_opens_only_the_listed_hosts_and_networks(tmp_path):
+    """MUSETALK_PRIVATE_URL_ALLOWLIST lets an operator's private media hosts through, one CIDR or host at a
+    time; everything else private stays refused, and the refusal names the setting."""
+    allow = {"musetalk_private_url_allowlist": "10.20.0.0/16, 192.168.0.5, localhost, .media.internal"}
+    for url in ("http://10.20.3.4/v.mp4", "http://192.168.0.5/v.mp4", "http://localhost/v.mp4"):
+        script = Script(httpx.Response(200, content=MEDIA))
+        assert _fetch(tmp_path, script, url=url, **allow).read_bytes() == MEDIA, url
+    for url in ("http://10.21.0.1/v.mp4", "http://192.168.0.6/v.mp4", "http://127.0.0.1/v.mp4",
+                "http://169.254.169.254/latest/meta-data"):
+        script = Script(httpx.Response(200, content=MEDIA))
+        with pytest.raises(MediaError, match="MUSETALK_PRIVATE_URL_ALLOWLIST"):
+            _fetch(tmp_path, script, url=url, **allow)
+        assert script.requests == [], url
+    parsed = settings(tmp_path, **allow).private_url_allowlist
+    assert parsed.allows_host("cdn.media.internal") and parsed.allows_host("media.internal")
+    assert not parsed.allows_host("media.internal.evil.com") and not parsed.allows_host("xmedia.internal")
+    assert parsed.allows_address("::ffff:10.20.0.9")  # IPv4-mapped IPv6 is the IPv4 address
+
+
+def test_allowlist_rechecks_the_peer_and_rejects_typos(http_server, tmp_path):
+    from pydantic import ValidationError
+
+    _, base = http_server  # 127.0.0.1
+    with httpx.Client() as client, client.stream("GET", f"{base}/video.mp4") as response:
+        with pytest.raises(MediaError, match="MUSETALK_PRIVATE_URL_ALLOWLIST"):
+            check_peer(response, settings(tmp_path, musetalk_private_url_allowlist="10.0.0.0/8"), "video")
+        check_peer(response, settings(tmp_path, musetalk_private_url_allowlist="127.0.0.0/8"), "video")
+    with pytest.raises(ValidationError, match="neither a host name nor an IP network"):
+        settings(tmp_path, musetalk_private_url_allowlist="10.0.0.0/33")
+    assert not settings(tmp_path).private_url_allowlist  # empty by default: nothing private allowed
+
+
 @pytest.mark.parametrize("url", ["ftp://93.184.216.34/v.mp4", "gopher://x/", "http:///nohost"])
 def test_unsupported_urls_refused(tmp_path, url):
     with pytest.raises(MediaError):

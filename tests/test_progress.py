@@ -237,17 +237,31 @@ def test_settings_read_design_env_names(monkeypatch, tmp_path):
     assert all(v not in repr(s) and v not in str(s.model_dump()) for v in secret_values(s))
 
 
-def test_settings_defaults(monkeypatch):
+def test_settings_defaults(monkeypatch, tmp_path):
     for name in ("ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BASE_URL", "B2_KEY_ID", "B2_APP_KEY",
                  "B2_BUCKET_NAME", "MUSETALK_WORKDIR", "BUFFER_WORKER_ID"):
         monkeypatch.delenv(name, raising=False)
-    s = Settings()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    s = Settings(_env_file=None)
     assert s.orchestrator_url is None and s.buffer_orchestrator_url is None and not s.b2_enabled
-    assert s.musetalk_workdir == (Path("/app") if Path("/app").is_dir() else Path.cwd())
+    # never the current directory: a command run in a checkout must not scatter cache/ results/ tmp/ in it
+    assert s.musetalk_workdir == (Path("/app") if Path("/app").is_dir() else tmp_path / "data" / "musetalk-flow")
+    assert s.result_root.is_relative_to(s.musetalk_workdir) and s.job_work_root.is_relative_to(s.musetalk_workdir)
     assert (s.buffer_capacity, s.buffer_poll_interval_sec, s.musetalk_max_download_mb) == (1, 10.0, 500)
     assert (s.musetalk_max_audio_sec, s.musetalk_max_video_sec, s.musetalk_landmarks) == (600, 600, "auto")
     assert not s.musetalk_allow_private_urls and not s.musetalk_allow_local_files
     assert Settings(b2_key_id="k", b2_bucket_name="b").b2_enabled is False  # no app key
+
+
+def test_settings_read_dotenv_below_the_environment(monkeypatch, tmp_path):
+    """`.env` in the current directory configures every entry point; exported variables win over it."""
+    (tmp_path / ".env").write_text("B2_PREFIX=from-dotenv\nMUSETALK_MODELS_DIR=/srv/models\n"
+                                   "PREFECT_API_URL=http://ignored.example/api\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("B2_PREFIX", raising=False)
+    monkeypatch.setenv("MUSETALK_MODELS_DIR", "/from/env")
+    s = Settings(_env_file=".env")
+    assert s.b2_prefix == "from-dotenv" and s.musetalk_models_dir == Path("/from/env")
 
 
 def test_redaction_filter_scrubs_messages_args_and_tracebacks(caplog):

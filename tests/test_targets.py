@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -245,13 +246,54 @@ def test_chart_is_a_real_png(tmp_path: Path, targets, prices) -> None:
     assert png.stat().st_size > 10_000
     with Image.open(png) as img:
         assert img.format == "PNG"
-        assert img.size == (1200, 600)
+        assert img.size[0] == 1300 and img.size[1] >= 400
+
+
+def test_chart_rows_align_and_every_class_is_shown(targets, prices) -> None:
+    """Every class of gpu_targets.json has a row, measured or not; the fps and cost panels share one row
+    order (a class's two bars on one line); profile, date and a real-time line are on the chart."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.chart import chart_table, draw_targets, real_time_fps
+
+    merged = merge_results(targets, make_result(), None, prices)  # the 4090
+    merged = merge_results(merged, make_result("NVIDIA GeForce RTX 3060", 12288, scale=2.0), None, prices)
+    merged = merge_results(merged, make_result("NVIDIA H200", 143771, scale=0.5), None, prices)  # local
+    fig = draw_targets(merged)
+    try:
+        ax_fps, ax_cost = fig.axes[:2]
+        rows = [t.get_text() for t in ax_fps.get_yticklabels()]
+        assert len(rows) == len(targets) + 1  # the 10 Salad classes + the local H200
+        assert {r.rstrip(" *") for r in rows} == {t["name"] for t in merged}
+        assert ax_cost.get_shared_y_axes().joined(ax_fps, ax_cost)  # one y axis: rows line up
+        table = chart_table(merged)
+        assert list(table["measured"][:3]) == [True] * 3 and not table["measured"][3:].any()
+        assert list(table["fps"][:3]) == sorted(table["fps"][:3], reverse=True)
+        # the cost panel's bars sit on the rows of their classes
+        for bar in ax_cost.patches:
+            row = round(bar.get_y() + bar.get_height() / 2)
+            assert not pd.isna(table["cost_per_output_minute"][row])
+        texts = " ".join([t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+                         + [fig._suptitle.get_text()])
+        assert "not measured" in texts and "no price" in texts  # the local H200 has no Salad price
+        assert "profile full-random" in texts and "3 of 11 classes measured" in texts
+        assert "2026-11-01" in texts  # the date of the numbers
+        realtime = real_time_fps(table)
+        assert realtime == pytest.approx(25.0)
+        assert any(list(line.get_xdata()) == [realtime, realtime] for line in ax_fps.get_lines())
+    finally:
+        plt.close(fig)
 
 
 def test_chart_without_results(tmp_path: Path, targets) -> None:
     png = plot_targets(targets, tmp_path / "empty.png")
     with Image.open(png) as img:
-        assert img.size == (1200, 600)
+        assert img.size[0] == 1300
+    from benchmarks.chart import _provenance, chart_table
+
+    table = chart_table(targets)
+    assert len(table) == len(targets) and not table["measured"].any()
+    assert _provenance(table[table["measured"]], len(table)) == "none of 10 classes measured yet"
 
 
 def test_summary_records_the_fixed_per_job_overhead() -> None:
