@@ -168,3 +168,15 @@ def test_private_address_is_refused_without_the_allowlist(tmp_path: Path, host: 
 def test_non_http_scheme_is_refused(tmp_path: Path) -> None:
     result = deliver_job_webhook(JOB, "file:///etc/passwd", SECRET, settings=settings(tmp_path))
     assert not result.delivered and "http or https" in result.error
+
+
+def test_operator_allowlist_admits_a_private_receiver(tmp_path: Path) -> None:
+    """The same allowlist as media URLs: a listed private network receives webhooks, others stay refused."""
+    strict = {"musetalk_allow_private_urls": False}
+    with receiver([200]) as (url, state):
+        allowed = deliver_job_webhook(JOB, url, SECRET, settings=settings(
+            tmp_path, musetalk_private_url_allowlist="127.0.0.0/8", **strict))
+        other = deliver_job_webhook(JOB, url, SECRET, settings=settings(
+            tmp_path, musetalk_private_url_allowlist="10.0.0.0/8", **strict))
+    assert allowed.delivered and not other.delivered and "private or reserved" in other.error
+    assert len(state.requests) == 1
