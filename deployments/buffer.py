@@ -32,7 +32,9 @@ from tasks.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_BACKOFF_CAP_SEC = 30.0
+# Well under the orchestrator's offline window (MUSETALK_WORKER_OFFLINE_SEC, 30 s): after an orchestrator
+# outage the first heartbeat must arrive before the window closes, or a live worker's job is requeued.
+HEARTBEAT_BACKOFF_CAP_SEC = 5.0
 CLAIM_BACKOFF_CAP_SEC = 60.0
 REPORT_ATTEMPTS = 5
 MAX_ERROR_CHARS = 500

@@ -74,8 +74,11 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
                 yield
             finally:
                 stop.set()
-                if task is not None:
-                    await asyncio.wait_for(task, 30)
+                if task is not None:  # let the pass in progress end; a stuck one is cancelled
+                    done, _ = await asyncio.wait({task}, timeout=15)
+                    if not done:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
 
     app = FastAPI(title="musetalk-flow orchestrator", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Lip-sync jobs on the MuseTalk fleet (DESIGN §11) and the workers' protocol (§5).")
@@ -198,10 +201,10 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
     @app.post("/internal/buffer/jobs/claim", dependencies=[Internal], responses=ERRORS, tags=["internal"])
     async def claim(body: ClaimRequest, request: Request) -> dict[str, Any]:
         client = prefect(request)
-        refusal = await leases.claim_refusal(client, body.worker_id, settings.musetalk_worker_offline_sec)
+        refusal, capacity = await leases.claim_refusal(client, body.worker_id, settings.musetalk_worker_offline_sec)
         if refusal is not None:
             raise ApiError(409, "conflict", refusal)
-        return {"job": await leases.claim(client, body.worker_id)}
+        return {"job": await leases.claim(client, body.worker_id, capacity)}
 
     @app.post("/internal/buffer/jobs/{buffer_job_id}/status", dependencies=[Internal], responses=ERRORS,
               tags=["internal"])

@@ -73,10 +73,10 @@ def claim_body(run: FlowRun, lease: str) -> dict[str, Any]:
             "resolution": job.get("resolution"), "params": job.get("params") or {}}
 
 
-async def claim(client: PrefectClient, worker_id: str) -> dict[str, Any] | None:
+async def claim(client: PrefectClient, worker_id: str, capacity: int = 1) -> dict[str, Any] | None:
     """Move the oldest eligible buffer run (urgent first) to Running for ``worker_id``; its claim body, or
     None when nothing waits or the worker already holds as many runs as its capacity."""
-    if not await has_free_slot(client, worker_id):
+    if not await has_free_slot(client, worker_id, capacity):
         return None
     for priority in ("urgent", "normal"):
         for run in await buffer_runs(client, [StateType.SCHEDULED], tags=[f"priority:{priority}"], limit=CANDIDATES):
@@ -159,21 +159,18 @@ async def report(client: PrefectClient, lease: str, body: dict[str, Any], max_at
     return "succeeded" if outcome.http_status == 200 else "failed"
 
 
-async def claim_refusal(client: PrefectClient, worker_id: str, offline_sec: float) -> str | None:
-    """Why ``worker_id`` may not claim now (no heartbeat within the offline window), or None."""
+async def claim_refusal(client: PrefectClient, worker_id: str, offline_sec: float) -> tuple[str | None, int]:
+    """Why ``worker_id`` may not claim now (no heartbeat within the offline window) or None, and the
+    capacity it heartbeats."""
     from orchestrator.workers import buffer_workers, utcnow
 
     worker = (await buffer_workers(client)).get(worker_id)
     if worker is None or not worker.online(utcnow(), offline_sec):
-        return f"worker {worker_id} has no heartbeat within the last {offline_sec:g} s: heartbeat first"
-    return None
+        return f"worker {worker_id} has no heartbeat within the last {offline_sec:g} s: heartbeat first", 0
+    return None, worker.capacity
 
 
-async def has_free_slot(client: PrefectClient, worker_id: str) -> bool:
+async def has_free_slot(client: PrefectClient, worker_id: str, capacity: int) -> bool:
     """Whether ``worker_id`` holds fewer runs than the capacity it heartbeats."""
-    from orchestrator.workers import buffer_workers
-
-    worker = (await buffer_workers(client)).get(worker_id)
-    capacity = worker.capacity if worker is not None else 1
     held = sum(1 for r in await active_buffer_runs(client) if (r.labels or {}).get(WORKER_LABEL) == worker_id)
     return held < capacity

@@ -30,6 +30,7 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Cancelled, Completed, Failed, Pending, Running
 
 from orchestrator.jobs import JOB_TAG, job_id_of, tag_value
+from orchestrator.requeue import requeue_or_fail
 from orchestrator.results import persist_outcome
 from orchestrator.routes import SALAD_PREFIX, deployment_id
 from orchestrator.settings import OrchestratorSettings
@@ -91,6 +92,12 @@ class SaladRuns:
             if started.status == SetStateStatus.ACCEPT:
                 self._follow(run, salad_job=None)
         now = time.time()
+        for run in await self._runs([StateType.PENDING]):
+            # taken by a replica that stopped before it marked the run Running: back to the queue
+            since = run.state.timestamp.timestamp() if run.state is not None else now
+            if now - since > 3 * BEAT_SEC:
+                await requeue_or_fail(self.client, run, self.settings.musetalk_max_attempts,
+                                      "the orchestrator submitting it to Salad stopped")
         for run in await self._runs([StateType.RUNNING]):
             if run.id in self.following or not _follower_stale(run, now):
                 continue

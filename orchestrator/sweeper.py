@@ -2,7 +2,8 @@
 
 - **lost workers**: a buffer run whose holder has sent no heartbeat within ``MUSETALK_WORKER_OFFLINE_SEC``
   (by Prefect's own record of the worker) goes back to the queue, or fails after the last attempt; a run
-  left ``Pending`` by a claim that never completed (its orchestrator died mid-claim) likewise;
+  left ``Pending`` by a claim that never completed (its orchestrator died mid-claim) likewise, and so does
+  a run whose live holder has reported ``idle`` for a whole window (the claim's answer was lost on the way);
 - **Salad**: queued ``salad:<class>`` runs are submitted and followed (:mod:`orchestrator.salad_runs`);
 - **webhooks**: a finished job still tagged ``webhook:pending`` gets its signed webhook (the tag is dropped
   first, so a replica that looks next does not send it again).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 from prefect.client.orchestration import PrefectClient
@@ -31,8 +33,14 @@ log = logging.getLogger(__name__)
 WEBHOOK_PENDING_TAG = "webhook:pending"
 
 
-async def requeue_lost(client: PrefectClient, settings: OrchestratorSettings) -> list[str]:
-    """Requeue (or fail) the runs of offline buffer workers; the job ids acted on."""
+async def requeue_lost(client: PrefectClient, settings: OrchestratorSettings, up_since: float) -> list[str]:
+    """Requeue (or fail) the runs of offline buffer workers; the job ids acted on.
+
+    Nothing is judged in the first offline window after this orchestrator started: if it was the only
+    replica and was down, the workers' heartbeats failed meanwhile, and their next ones (within the
+    window) show them alive — judging at once would requeue every running job after a restart."""
+    if time.monotonic() - up_since < settings.musetalk_worker_offline_sec:
+        return []
     runs = await active_buffer_runs(client)
     if not runs:
         return []
@@ -43,12 +51,18 @@ async def requeue_lost(client: PrefectClient, settings: OrchestratorSettings) ->
     for run in runs:
         holder = (run.labels or {}).get(WORKER_LABEL) or ""
         worker = workers.get(holder)
-        if worker is not None and worker.online(now, offline):
-            continue
         since = run.state.timestamp if run.state is not None else None
-        if worker is None and since is not None and (now - since) < timedelta(seconds=offline):
+        held_long = since is not None and (now - since) >= timedelta(seconds=offline)
+        if worker is not None and worker.online(now, offline):
+            if not (worker.status == "idle" and held_long):
+                continue
+            # Alive but idle while holding the run for a whole window: the claim's answer never reached it
+            # (a timed-out request the server still completed), so nobody renders this job.
+            reason = f"buffer worker {holder} reports idle while holding the job (its claim answer was lost)"
+        elif worker is None and not held_long:
             continue  # a claim in progress (labels not written yet) or a worker Prefect has not listed yet
-        reason = f"buffer worker {holder or '(unknown)'} sent no heartbeat for {offline:g} s"
+        else:
+            reason = f"buffer worker {holder or '(unknown)'} sent no heartbeat for {offline:g} s"
         status = await requeue_or_fail(client, run, settings.musetalk_max_attempts, reason)
         if status is not None:
             acted.append(job_id_of(run) or str(run.id))
@@ -97,10 +111,11 @@ async def sweep_forever(client: PrefectClient, settings: OrchestratorSettings, w
     from orchestrator.salad_runs import SaladRuns
 
     in_flight: set[str] = set()
+    up_since = time.monotonic()
     salad = SaladRuns(client, settings, workdir_settings)
     try:
         while not stop.is_set():
-            for step in (lambda: requeue_lost(client, settings), salad.pass_once,
+            for step in (lambda: requeue_lost(client, settings, up_since), salad.pass_once,
                          lambda: send_webhooks(client, workdir_settings, in_flight)):
                 try:
                     await step()

@@ -218,6 +218,7 @@ def test_healthcheck_follows_hc(fakes):
 
 def test_env_example_lists_every_setting():
     from deployments.serve import ServeOptions
+    from orchestrator.settings import OrchestratorSettings
     from tasks.settings import Settings
 
     names = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
@@ -226,10 +227,10 @@ def test_env_example_lists_every_setting():
               "GPU_CLASS_NAME", "BUFFER_CAPACITY", "BUFFER_POLL_INTERVAL_SEC", "B2_KEY_ID", "B2_APP_KEY",
               "B2_BUCKET_NAME", "B2_PREFIX", "MUSETALK_WORKDIR", "MUSETALK_RESULT_DIR", "MUSETALK_UNET_MODEL_PATH",
               "MUSETALK_UNET_CONFIG", "SALAD_QUEUE_JOB_ID", "SALAD_API_KEY", "SALAD_ORG_NAME", "SALAD_PROJECT_NAME"}
-    fields = {n.upper() for n in Settings.model_fields} | {n.upper() for n in ServeOptions.model_fields}
+    fields = {n.upper() for model in (Settings, ServeOptions, OrchestratorSettings) for n in model.model_fields}
     assert design | fields <= names, sorted(design | fields - names)
     text = (ROOT / ".env.example").read_text()
-    for secret in ("INTERNAL_API_KEY", "B2_APP_KEY", "SALAD_API_KEY"):
+    for secret in ("INTERNAL_API_KEY", "B2_APP_KEY", "SALAD_API_KEY", "MUSETALK_API_KEYS"):
         value = re.search(rf"^{secret}=(.*)$", text, re.M).group(1)
         assert value in ("", "change-me"), f"{secret} must not hold a real value"
 
