@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
@@ -94,9 +94,11 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> int | None:
     return proc.poll()
 
 
-def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float, *, cuda: bool) -> JobOutcome:
+def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float, *, cuda: bool,
+                      release: Callable[[], None] | None = None) -> JobOutcome:
     """One benchmark job, as the HTTP outcome: 200 with the result, 422 for a bad request, 500 (retryable)
-    when the measurement failed or ran out of time."""
+    when the measurement failed or ran out of time. ``release`` (the warm engine's ``release_gpu_memory``)
+    runs before the child starts."""
     try:
         config = benchmark_config(job.get("benchmark") or {}, settings, cuda=cuda)
     except MediaError as exc:
@@ -104,7 +106,11 @@ def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float,
         return JobOutcome(http_status=status, body=body)
     log.info("benchmark job: profile %s, batch sizes %s, modes %s", config.profile, config.sweep(),
              config.modes or "default")
-    if cuda:  # the child needs the memory this process's warm engine cached but is not using
+    # the child needs the memory this process's warm engine holds but is not using: its graphs, cached
+    # device frames, and torch's caches of freed device memory and pinned host buffers
+    if release is not None:
+        release()
+    elif cuda:
         import torch
 
         torch.cuda.empty_cache()

@@ -225,7 +225,7 @@ class WorkerService:
             if self._cancel_load.is_set():
                 return
             if not getattr(engine, "warm", False):
-                engine.warmup()
+                self._warm_on_render_thread(engine)
             self.engine = engine
             if self._cancel_load.is_set():
                 return
@@ -251,6 +251,22 @@ class WorkerService:
         if loader.is_alive():
             log.warning("the model loader is still running after %.0f s", timeout)
         return not loader.is_alive()
+
+    def _warm_on_render_thread(self, engine: Any) -> None:
+        """Warm up on the thread that will render: CUDA graph trees (``compiled`` mode) and the current
+        device are per thread, so a warm-up elsewhere would be paid again by the first job."""
+        failed: list[Exception] = []
+
+        def warm(_job: dict[str, Any], _queue_job_id: str | None) -> JobOutcome:
+            try:
+                engine.warmup()
+            except Exception as exc:  # noqa: BLE001 — re-raised on the loader thread, reported by /hc
+                failed.append(exc)
+            return JobOutcome(http_status=200 if not failed else 500, body={})
+
+        self.queue.submit({}, None, run=warm).future.result()
+        if failed:
+            raise failed[0]
 
     def _sweep_workspaces(self) -> None:
         """Remove job workspaces a killed predecessor left behind (SIGKILL skips every cleanup); no job
@@ -465,7 +481,8 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         cuda = getattr(getattr(service.engine, "device", None), "type", "cpu") == "cuda"
 
         def measure(payload: dict[str, Any], _queue_job_id: str | None) -> JobOutcome:
-            return run_benchmark_job(payload, service.settings, timeout, cuda=cuda)
+            return run_benchmark_job(payload, service.settings, timeout, cuda=cuda,
+                                     release=getattr(service.engine, "release_gpu_memory", None))
 
         return _response(await service.take(job.model_dump(mode="json"), salad_job_id, run=measure,
                                             timeout=timeout))

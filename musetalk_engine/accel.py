@@ -20,6 +20,11 @@ class GraphedUNet:
     def __init__(self, unet, batch_size: int, t0: torch.Tensor, dtype: torch.dtype, warmup: int = 3):
         """``t0``: the generator's timestep-0 tensor, on the device the graph runs on."""
         device = t0.device
+        with torch.cuda.device(device):  # the capture runs on the *current* device's stream: make it ours
+            self._capture(unet, batch_size, t0, dtype, warmup)
+
+    def _capture(self, unet, batch_size: int, t0: torch.Tensor, dtype: torch.dtype, warmup: int) -> None:
+        device = t0.device
         self.batch_size = batch_size
         self.latents = torch.zeros(batch_size, 8, 32, 32, device=device, dtype=dtype)
         self.audio = torch.zeros(batch_size, 50, 384, device=device, dtype=dtype)

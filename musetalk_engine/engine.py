@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from pydantic import BaseModel, Field
 
 from . import audio as audio_mod
 from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
+from .device import DEVICE_PATTERN, device_scope, empty_caches, resolve_device
 from .errors import MediaError
 from .face_generator import FaceGenerator
+from .gpu_lock import DEFAULT_LOCK_DIR, GpuLock, gpu_lock_key
 from .metrics import PeakVram, RenderMetrics, StageTimer, gpu_info, peak_rss_kb
 from .render import render_stream, render_stream_device, source_frames
 from .video import OutputShape, VideoWriter, decode_frames
@@ -38,7 +41,8 @@ class EngineConfig(BaseModel):
     """How to load the engine (process-level; one engine per GPU)."""
 
     models_dir: Path = Path("models")
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto | cpu | cuda | cuda:N; cuda without a usable GPU is an error, never a silent CPU fallback
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
     landmarks: str = "auto"  # auto | dwpose-onnx | mmpose | dlib
     cache_dir: Path = DEFAULT_CACHE
@@ -48,14 +52,12 @@ class EngineConfig(BaseModel):
     cpu_threads: int | None = Field(None, ge=1)
     accel: str = "auto"  # auto (graphs on CUDA, eager on CPU) | eager | graphs | compiled
     blend: str = "auto"  # auto (device on CUDA, cpu on CPU) | cpu | device
+    # the machine-wide per-GPU lock (see gpu_lock.py): "auto" locks the GPU by its UUID and nothing on the
+    # CPU, "off" never locks, any other value is the lock's name (two CPU engines may share one that way)
+    gpu_lock: str = "auto"
+    gpu_lock_dir: Path = DEFAULT_LOCK_DIR
     unet_weights: Path | None = None  # defaults to models_dir/musetalkV15/unet.pth
     unet_config: Path | None = None  # defaults to models_dir/musetalkV15/musetalk.json
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -95,13 +97,17 @@ class Engine:
     loads = 0  # how many engines this process has built (tests prove reuse with it)
 
     def __init__(self, config: EngineConfig | None = None):
-        from .landmarks import build_analyzer
-        from .parsing import load_bisenet
-
         self.config = config or EngineConfig()
         self.paths = ModelPaths(Path(self.config.models_dir), self.config.unet_weights, self.config.unet_config)
         check_models(self.paths)
         self.device = resolve_device(self.config.device)
+        with device_scope(self.device):
+            self._load()
+
+    def _load(self) -> None:
+        from .landmarks import build_analyzer
+        from .parsing import load_bisenet
+
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
@@ -134,7 +140,14 @@ class Engine:
         self.gpu = gpu_info(self.device)
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()
+        lock = self.config.gpu_lock
+        key = gpu_lock_key(self.device) if lock == "auto" else None if lock == "off" else lock
+        # held around every use of the GPU, so that another process's engine on it waits its turn
+        self.gpu_lock: GpuLock | None = None if key is None else GpuLock(key, self.config.gpu_lock_dir)
         self.warm = False
+        # threads the fast path was warmed on: torch.compile's CUDA-graph trees are per thread, so a
+        # compiled engine warmed on a loader thread warms again on the thread that renders
+        self._warm_threads: set[int] = set()
         Engine.loads += 1
         log.info("engine loaded in %.1fs on %s (%s), landmarks=%s", self.load_seconds, self.device,
                  self.dtype, backend)
@@ -149,7 +162,7 @@ class Engine:
         video = Path(video)
         params = params or PrepareParams(landmarks=self.landmarks_backend)
         timer = timer or StageTimer()
-        with timer.stage("prepare"):
+        with timer.stage("prepare"), self._gpu(), device_scope(self.device):
             sha = video_sha256 or file_sha256(video)
             key = avatar_key(sha, params, self.fingerprint)
             cached = self.avatars.get(key)
@@ -169,7 +182,9 @@ class Engine:
     def encode_audio(self, audio: str | Path, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
         """Whisper encoder states [steps, 5, 384] of the whole speech track, and its sample count."""
         samples = audio_mod.load_audio(audio, max_seconds)
-        return audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype), len(samples)
+        with self._gpu(), device_scope(self.device):
+            states = audio_mod.encoder_states(samples, self.extractor, self.whisper, self.device, self.dtype)
+        return states, len(samples)
 
     def windows_from_states(self, states: torch.Tensor, n_samples: int, fps: float, name: str = "audio"):
         """Per-frame windows [T, 50, 384] from encoder states (cheap indexing, no model)."""
@@ -203,7 +218,9 @@ class Engine:
         video, audio, out = Path(video), Path(audio), Path(out)
         params = params or PrepareParams(landmarks=self.landmarks_backend)
         batch = batch_size or self.batch_size()
-        with self._lock:
+        with self._lock, self._gpu(), device_scope(self.device):
+            if self.generator.mode == "compiled" and threading.get_ident() not in self._warm_threads:
+                self._warmup_locked()
             timer = StageTimer()
             wall_start = time.perf_counter()
             with PeakVram(self.device) as vram:
@@ -273,7 +290,26 @@ class Engine:
         """One forward pass through every per-frame model so the first job pays no lazy init. On a GPU,
         and in the fast modes, at the render's batch size: the graph capture, compile or cuDNN's search
         for that shape happens here, not in a job."""
+        with self._lock, self._gpu(), device_scope(self.device):
+            self._warmup_locked()
+
+    def _gpu(self):
+        """This GPU for this process alone (other processes' engines on it wait), or nothing to hold."""
+        return self.gpu_lock if self.gpu_lock is not None else nullcontext()
+
+    def _warmup_locked(self) -> None:
         n = 1 if self.device.type == "cpu" and self.generator.mode == "eager" else self.batch_size()
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             self.generator.generate(torch.zeros(n, 8, 32, 32), torch.zeros(n, 50, 384))
-            self.warm = True
+        self._warm_threads.add(threading.get_ident())
+        self.warm = True
+
+    def release_gpu_memory(self) -> None:
+        """Give back what the warm engine holds beyond its weights: captured graphs, the source frames kept
+        on the device, and torch's caches of freed device memory and pinned host buffers. Before another
+        process needs the GPU (the benchmark's child); the next job recaptures and re-uploads."""
+        with self._lock:
+            self.generator.release_fast_paths()
+            self._device_frames.clear()
+            self._warm_threads.clear()
+            empty_caches(self.device)

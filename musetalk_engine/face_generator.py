@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .audio import positional_encoding
+from .device import device_scope
 from .weights import VAE_SCALING_FACTOR
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class FaceGenerator:
         ``batch_size`` is the size of the run's full batches. The fast modes are built per batch size
         (a graph capture, a compile), so a shorter batch, a job's last, runs padded to it instead of
         building anew."""
+        with device_scope(self.device):  # graphs capture and replay on the current device's stream
+            return self._generate(latents, audio, timer, batch_size)
+
+    def _generate(self, latents: torch.Tensor, audio: torch.Tensor, timer, batch_size: int | None) -> torch.Tensor:
         n = latents.shape[0]
         size = n if self.mode == "eager" else max(n, batch_size or n)
         if size > n:  # repeat the last frame's inputs; their faces are dropped below

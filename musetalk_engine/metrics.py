@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import nvml_handle
+
 RENDER_STAGES = ("decode", "prepare", "audio", "unet", "vae_decode", "blend", "encode")
 
 
@@ -31,7 +33,9 @@ class StageTimer:
         """Time the block: wall-clock, or the GPU's own time for the work it queues on ``device``."""
         if device is not None and device.type == "cuda":
             stream = torch.cuda.current_stream(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # blocking: reading the times waits in the driver instead of spinning a core that x264 needs
+            start = torch.cuda.Event(enable_timing=True, blocking=True)
+            end = torch.cuda.Event(enable_timing=True, blocking=True)
             start.record(stream)
             try:
                 yield
@@ -175,8 +179,8 @@ class PeakVram:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             nvml = _nvml()
-            if nvml is not None:
-                handle = nvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+            handle = None if nvml is None else nvml_handle(nvml, self.device)
+            if handle is not None:
                 self.nvml_mib = 0.0
                 self._thread = threading.Thread(target=self._poll, args=(nvml, handle), daemon=True)
                 self._thread.start()

@@ -28,17 +28,30 @@ class _Stopped(Exception):
     """Another stage failed; this one leaves quietly."""
 
 
-def _halve_after_oom(exc: BaseException, batch_size: int, halved: bool, device: torch.device) -> int:
-    """The batch size to retry with after an out-of-memory error, or a clear ProcessingError when the
-    one retry at half the batch was already spent (or the batch cannot shrink)."""
+# Largest pinned host buffer of the device path: a batch's finished frames cross to the host in slices of
+# at most this size (a batch of 256 at 1080p would otherwise pin 3 × 2.4 GiB of host memory).
+HOST_BUFFER_BYTES = 256 << 20
+
+
+def _oom_exhausted(exc: BaseException, batch_size: int, halved: bool, device: torch.device,
+                   what: str) -> ProcessingError | None:
+    """The clear error to raise when the one retry at half the batch was already spent (or the batch cannot
+    shrink), else None: the caller retries at half."""
     if halved or batch_size == 1:
-        raise ProcessingError(f"ran out of {device.type.upper()} memory while rendering at batch size "
+        err = ProcessingError(f"ran out of {device.type.upper()} memory while {what} at batch size "
                               f"{batch_size}" + (" (already halved once)" if halved else ""),
-                              stage="inference", retryable=True,
-                              details={"batch_size": batch_size}) from exc
+                              stage="inference", retryable=True, details={"batch_size": batch_size})
+        err.__cause__ = exc
+        return err
+    return None
+
+
+def _free_after_oom(device: torch.device) -> None:
+    """Give the failed batch's memory back. Called only once the OutOfMemoryError has been left behind:
+    its traceback holds the frames of the failed call and so the tensors it had allocated, which
+    ``empty_cache`` could not free while the exception is alive."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return max(1, batch_size // 2)
 
 
 class _ModelBatches:
@@ -49,24 +62,36 @@ class _ModelBatches:
                  order: np.ndarray, batch_size: int, timer: StageTimer):
         self.generator, self.latents, self.windows = generator, latents, windows
         self.order, self.batch_size, self.timer = order, batch_size, timer
+        self.halved = False
         # the frame order where the latents are, copied once: a copy per batch would make the host wait
         # for the GPU each time (a pageable host→device copy synchronises)
         self.order_on_latents = torch.as_tensor(order, device=latents.device)
 
+    def halve(self) -> None:
+        """Retry at half the batch from now on (the blend's OOM asks for it too)."""
+        self.generator.release_fast_paths()  # their memory is what the retry at half needs
+        _free_after_oom(self.generator.device)
+        self.batch_size = max(1, self.batch_size // 2)
+        self.halved = True
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
-        start, halved = 0, False
+        start = 0
         while start < len(self.order):
             idx = self.order[start:start + self.batch_size]
+            faces = None
             try:
                 faces = self.generator.generate(self.latents[self.order_on_latents[start:start + len(idx)]],
                                                 self.windows[start:start + self.batch_size], self.timer,
                                                 batch_size=self.batch_size)
             except torch.OutOfMemoryError as exc:
-                self.generator.release_fast_paths()  # their memory is what the retry at half needs
-                self.batch_size = _halve_after_oom(exc, self.batch_size, halved, self.generator.device)
-                halved = True
+                err = _oom_exhausted(exc, self.batch_size, self.halved, self.generator.device, "rendering")
+                if err is not None:
+                    raise err from exc
+            if faces is None:  # out of the except block: the failed batch's tensors are unreachable now
+                self.halve()
                 continue
             yield start, idx, faces
+            del faces
             start += len(idx)
 
 
@@ -210,8 +235,10 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
     yuv = writer.pix_fmt == "yuv420p"
     out_q = _Channel(stop, maxsize=3)
     free = _Channel(stop, maxsize=3)  # stop-aware: an encoder that died keeps its buffer; don't wait for it
+    frame_bytes = int(np.prod(writer.frame_shape))
+    rows = max(1, min(batch_size, HOST_BUFFER_BYTES // frame_bytes))
     for _ in range(3):  # three buffers: one filling, one being encoded, one spare
-        free.put(torch.empty((batch_size, *writer.frame_shape), dtype=torch.uint8, pin_memory=cuda))
+        free.put(torch.empty((rows, *writer.frame_shape), dtype=torch.uint8, pin_memory=cuda))
     latents = torch.from_numpy(avatar.latents).to(generator.device)
 
     def encode_stage():
@@ -229,22 +256,56 @@ def render_stream_device(*, avatar: Avatar, frames: torch.Tensor, material, wind
 
     batches = _ModelBatches(generator, latents, windows, order, batch_size, timer)
 
-    def model_stage():
-        for start, idx_np, faces in batches:
-            n = len(idx_np)
-            with timer.stage("blend", generator.device):
-                # frames[...] gathers a fresh copy, which the faces are pasted into
-                finished = paste_faces(frames[batches.order_on_latents[start:start + n]], faces, idx_np,
-                                       avatar, material)
-                if yuv:
-                    finished = rgb_to_i420(finished)
+    def finish(start: int, idx_np: np.ndarray, faces: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Frames ``a:b`` of a batch blended (and converted to I420 for a yuv420p writer) on the device."""
+        # frames[...] gathers a fresh copy, which the faces are pasted into
+        done = paste_faces(frames[batches.order_on_latents[start + a:start + b]], faces[a:b], idx_np[a:b],
+                           avatar, material)
+        return rgb_to_i420(done) if yuv else done
+
+    def to_host(finished: torch.Tensor) -> None:
+        """Hand finished frames to the encoder through the pinned buffers, ``rows`` at a time."""
+        for a in range(0, finished.shape[0], rows):
+            part = finished[a:a + rows]
             host = free.get()
-            host[:n].copy_(finished, non_blocking=cuda)
+            host[:len(part)].copy_(part, non_blocking=cuda)
             event = None
             if cuda:  # on the stream the copy was queued on: the engine's device, not the current one
-                event = torch.cuda.Event()
+                # blocking: the encoder thread sleeps in the driver instead of spinning a core x264 needs
+                event = torch.cuda.Event(blocking=True)
                 event.record(torch.cuda.current_stream(generator.device))
-            out_q.put((host, n, event))
+            out_q.put((host, len(part), event))
+
+    def model_stage():
+        chunk = None  # frames blended at once; set to half a batch after the blend ran out of memory
+        for start, idx_np, faces in batches:
+            n = len(idx_np)
+            step = n if chunk is None else chunk
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                finished = None
+                try:
+                    with timer.stage("blend", generator.device):
+                        finished = finish(start, idx_np, faces, a, b)
+                except torch.OutOfMemoryError as exc:
+                    err = _oom_exhausted(exc, b - a, chunk is not None, generator.device, "blending")
+                    if err is not None:
+                        raise err from exc
+                if finished is None:  # out of the except block: the failed step's tensors are gone
+                    _free_after_oom(generator.device)
+                    chunk = max(1, (b - a) // 2)
+                    for c in range(a, b, chunk):
+                        try:
+                            with timer.stage("blend", generator.device):
+                                part = finish(start, idx_np, faces, c, min(b, c + chunk))
+                        except torch.OutOfMemoryError as exc:
+                            raise _oom_exhausted(exc, chunk, True, generator.device, "blending") from exc
+                        to_host(part)
+                        del part
+                    continue
+                to_host(finished)
+                del finished
+            del faces
         out_q.put(_END)
 
     encoder = threading.Thread(target=_guarded(encode_stage, errors, stop), name="render-encode", daemon=True)

@@ -28,6 +28,8 @@ def engine_config(settings: Settings) -> EngineConfig:
     default_cfg = Settings.model_fields["musetalk_unet_config"].default
     return EngineConfig(
         models_dir=models,
+        device=settings.musetalk_device,
+        gpu_lock_dir=settings.musetalk_gpu_lock_dir,
         landmarks=settings.musetalk_landmarks,
         cache_dir=settings.resolve(settings.musetalk_cache_dir) / "avatars",
         batch_size=settings.musetalk_batch_size,

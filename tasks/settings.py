@@ -33,6 +33,9 @@ from typing import Callable, Iterable, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from musetalk_engine.device import DEVICE_PATTERN
+from musetalk_engine.gpu_lock import DEFAULT_LOCK_DIR
+
 REDACTED = "***"
 # Shorter "secrets" are not scrubbed: replacing every "ab" in every log line would make logs unreadable,
 # and a key that short protects nothing anyway.
@@ -139,6 +142,12 @@ class Settings(BaseSettings):
 
     # --- engine knobs
     musetalk_landmarks: str = "auto"
+    # auto | cpu | cuda | cuda:N. The image sets cuda: a worker whose GPU is missing then fails to load
+    # (``/hc`` stays 503 with the reason) instead of rendering on the CPU
+    musetalk_device: str = Field("auto", pattern=DEVICE_PATTERN)
+    # Where the per-GPU locks live (one file per GPU UUID): every process rendering on this machine's GPUs
+    # must see the same directory (mount it into each container), so two never render on one GPU at once.
+    musetalk_gpu_lock_dir: Path = DEFAULT_LOCK_DIR
     musetalk_batch_size: int | None = Field(None, ge=1)
 
     # --- Prefect
