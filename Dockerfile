@@ -13,8 +13,14 @@
 #
 # The base is CUDA's small `base` flavour on purpose: the CUDA torch wheels bring their own CUDA runtime,
 # cuBLAS and cuDNN, so the `runtime` flavour would only add a second copy of them (~2.5 GB).
+#
+# torch and the base are a pair: PyPI's torch 2.13.0 Linux x86_64 wheel is a CUDA 13.0 build (its metadata
+# requires cuda-toolkit==13.0.3 and nvidia-cudnn-cu13), so the base is CUDA 13.0 on Ubuntu 24.04 (Python
+# 3.12, matching the cp312 wheel). CUDA 13 needs an NVIDIA driver >= 580; the base's NVIDIA_REQUIRE_CUDA
+# makes the container runtime refuse older drivers at start, and MUSETALK_DEVICE=cuda makes the worker
+# refuse to become ready without a GPU instead of rendering on the CPU. The build checks torch's CUDA major.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------------
 # The Salad HTTP job-queue worker binary, fetched by version and verified by its sha256.
@@ -42,8 +48,10 @@ RUN mkdir -p /out \
 # ---------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
 ARG TORCH_VERSION=2.13.0
-# CUDA build of torch from the PyTorch index; pick the variant your drivers support (cu128: driver >= 570).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# PyPI's default torch wheel for Linux x86_64 is the CUDA 13.0 build; TORCH_CUDA_MAJOR is what the build
+# checks torch.version.cuda against (change both with TORCH_INDEX_URL and CUDA_IMAGE, as one pair).
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_CUDA_MAJOR=13
 ARG BAKE_MODELS=false
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -56,6 +64,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MUSETALK_WORKDIR=/app \
     MUSETALK_MODELS_DIR=/models \
     MUSETALK_CACHE_DIR=/app/cache \
+    MUSETALK_DEVICE=cuda \
     PREFECT_HOME=/app/.prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=1 \
@@ -78,7 +87,10 @@ RUN apt-get update \
 
 # torch first, in its own layer: it is most of the image and changes least often
 RUN python3 -m venv /opt/venv \
- && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+ && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+ && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; \
+sys.exit(0 if cuda.split('.')[0] == '${TORCH_CUDA_MAJOR}' else \
+f'torch {torch.__version__} is built for CUDA {cuda}, not ${TORCH_CUDA_MAJOR}.x: pick the pair again')"
 
 WORKDIR /app
 COPY pyproject.toml README.md gpu_targets.json salad_prices.json ./

@@ -57,10 +57,19 @@ def test_dockerfile_structure():
     for image in [args.get("CUDA_IMAGE", "")] + [a for i, a in ins if i == "FROM" and "$" not in a]:
         assert ":" in image and not image.endswith(":latest"), image
     assert re.match(r"nvidia/cuda:\d+\.\d+\.\d+-", args["CUDA_IMAGE"])
-    # CUDA torch, pinned, from the PyTorch index, chosen by build args
+    # CUDA torch, pinned, chosen by build args, with a base of the same CUDA major: PyPI's torch 2.13.0
+    # Linux wheel requires cuda-toolkit==13.0.3 (its metadata), so 2.13 goes with a CUDA 13.0 base
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
-    assert args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
-    assert any(i == "RUN" and '"torch==${TORCH_VERSION}"' in a and "${TORCH_INDEX_URL}" in a for i, a in ins)
+    assert args["TORCH_INDEX_URL"] in ("https://pypi.org/simple",) or \
+        args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    base_cuda = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", args["CUDA_IMAGE"]).groups()
+    if args["TORCH_VERSION"] == "2.13.0" and args["TORCH_INDEX_URL"] == "https://pypi.org/simple":
+        assert base_cuda == ("13", "0"), args["CUDA_IMAGE"]
+    assert base_cuda[0] == args["TORCH_CUDA_MAJOR"]
+    (torch_run,) = [a for i, a in ins if i == "RUN" and '"torch==${TORCH_VERSION}"' in a]
+    assert "${TORCH_INDEX_URL}" in torch_run
+    # the build fails when torch's CUDA is not the base's major
+    assert "torch.version.cuda" in torch_run and "${TORCH_CUDA_MAJOR}" in torch_run
     # the Salad worker: by version + sha256, skippable
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["SALAD_WORKER_VERSION"])
     assert args["INSTALL_SALAD_WORKER"] == "true" and "SALAD_WORKER_SHA256" in args
@@ -74,6 +83,7 @@ def test_dockerfile_structure():
     assert "/app/deployments/entrypoint.sh" in entry
     env = " ".join(a for i, a in tail if i == "ENV")
     assert "MUSETALK_MODELS_DIR=/models" in env and "MUSETALK_WORKDIR=/app" in env
+    assert "MUSETALK_DEVICE=cuda" in env  # no silent CPU fallback in the image
     assert any(i == "RUN" and "ffmpeg" in a and "apt-get install" in a for i, a in tail)
     assert any(i == "RUN" and "BAKE_MODELS" in a and "musetalk-flow models download" in a for i, a in tail)
 
