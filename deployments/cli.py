@@ -491,7 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tiny", action="store_true", help="render with random-weight tiny models (no downloads)")
     u.add_argument("--gpu-worker", action="store_true", help="also run a Prefect process worker on pool gpu")
     u.set_defaults(func=cmd_up)
+
+    from benchmarks.gpu_check import build_parser as gpu_check_parser
+
+    doc = gpu_check_parser(sub.add_parser("doctor", parents=[common],
+                                          help="the GPU self-check (python -m benchmarks.gpu_check): one JSON verdict"))
+    doc.set_defaults(func=cmd_doctor)
     return parser
+
+
+def cmd_doctor(args) -> int:
+    from benchmarks.gpu_check import main as gpu_check
+
+    return gpu_check(args=args)
 
 
 def _configure_logging(args) -> None:
