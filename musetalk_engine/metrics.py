@@ -23,7 +23,11 @@ class StageTimer:
     only when the times are asked for, so timing never makes the host wait for the GPU (a synchronize per
     stage would stop the host from queueing the next batch while this one runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, listed: tuple[str, ...] = RENDER_STAGES) -> None:
+        # ``listed`` stages are always reported, in this order (0 when never timed); others follow in the
+        # order they were first timed (a job's contract stages, say)
+        self.listed = tuple(listed)
+        self.current: str | None = None  # the stage entered last (a failed job names it)
         self._times: dict[str, float] = defaultdict(float)
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
@@ -31,6 +35,7 @@ class StageTimer:
     @contextmanager
     def stage(self, name: str, device: torch.device | None = None):
         """Time the block: wall-clock, or the GPU's own time for the work it queues on ``device``."""
+        self.current = name
         if device is not None and device.type == "cuda":
             stream = torch.cuda.current_stream(device)
             # blocking: reading the times waits in the driver instead of spinning a core that x264 needs
@@ -61,7 +66,8 @@ class StageTimer:
                 end.synchronize()
                 self._times[name] += start.elapsed_time(end) / 1000
             self._pending.clear()
-            return {k: round(self._times.get(k, 0.0), 4) for k in (*RENDER_STAGES, *sorted(set(self._times) - set(RENDER_STAGES)))}
+            names = (*self.listed, *(k for k in self._times if k not in self.listed))
+            return {k: round(self._times.get(k, 0.0), 4) for k in names}
 
 
 def peak_rss_kb() -> int:

@@ -83,11 +83,16 @@ class JobMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     GENERATION_TIME_SEC: float
-    SCRIPT_WALL_TIME_SEC: float
+    SCRIPT_WALL_TIME_SEC: float  # the whole job, upload included: equal to total_time
     PEAK_VRAM_MIB: float | None = None
     PEAK_RAM_KB: int | None = None
     gpu_class: str | None = None
-    stage_times: dict[str, float] = {}
+    frames: int | None = None
+    fps: float | None = None
+    batch_size: int | None = None
+    avatar_cached: bool | None = None  # the avatar came from a cache (Prefect's or the engine's)
+    engine_stage_times: dict[str, float] = {}  # the render's own stages (decode, unet, blend, …)
+    stage_times: dict[str, float] = {}  # the contract's stages
     total_time: float
 
 
