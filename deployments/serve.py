@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.benchmark_job import BenchmarkJob, run_benchmark_job
 from deployments.front_door import JOB_PATHS, FrontDoor, known_job_id, rejected
+from deployments.openapi_docs import install_offline_docs
 from deployments.render_queue import ABANDON_WAIT_SEC, QueueClosed, QueueFull, RenderQueue, Ticket
 from flows.generate import generate
 from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, describe_errors,
@@ -435,8 +436,9 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
             # blocking (waits for the running job), so off the event loop
             await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="musetalk-flow worker", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="musetalk-flow worker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Lip-sync worker: Salad job-queue HTTP contract (DESIGN §4).")
+    install_offline_docs(app)  # a GPU box may have no route to a CDN
     app.state.service = service
 
     # every job request is judged by the front door before FastAPI parses it (deployments/front_door.py)

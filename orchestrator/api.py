@@ -201,10 +201,10 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
     @app.post("/internal/buffer/jobs/claim", dependencies=[Internal], responses=ERRORS, tags=["internal"])
     async def claim(body: ClaimRequest, request: Request) -> dict[str, Any]:
         client = prefect(request)
-        refusal, capacity = await leases.claim_refusal(client, body.worker_id, settings.musetalk_worker_offline_sec)
-        if refusal is not None:
-            raise ApiError(409, "conflict", refusal)
-        return {"job": await leases.claim(client, body.worker_id, capacity)}
+        try:
+            return {"job": await leases.claim(client, body.worker_id, settings.musetalk_worker_offline_sec)}
+        except leases.ClaimRefused as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
 
     @app.post("/internal/buffer/jobs/{buffer_job_id}/status", dependencies=[Internal], responses=ERRORS,
               tags=["internal"])

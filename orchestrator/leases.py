@@ -73,25 +73,40 @@ def claim_body(run: FlowRun, lease: str) -> dict[str, Any]:
             "resolution": job.get("resolution"), "params": job.get("params") or {}}
 
 
-async def claim(client: PrefectClient, worker_id: str, capacity: int = 1) -> dict[str, Any] | None:
+class ClaimRefused(RuntimeError):
+    """The worker may not claim (no heartbeat within the offline window): answered 409."""
+
+
+async def claim(client: PrefectClient, worker_id: str, offline_sec: float) -> dict[str, Any] | None:
     """Move the oldest eligible buffer run (urgent first) to Running for ``worker_id``; its claim body, or
-    None when nothing waits or the worker already holds as many runs as its capacity."""
-    if not await has_free_slot(client, worker_id, capacity):
-        return None
+    None when nothing waits or the worker already holds as many runs as its capacity. ClaimRefused when the
+    worker has no heartbeat within the offline window. The cheap question — is anything queued? — comes
+    first: most claims of an idle fleet end there."""
+    from orchestrator.workers import buffer_workers, utcnow
+
+    candidates = []
     for priority in ("urgent", "normal"):
-        for run in await buffer_runs(client, [StateType.SCHEDULED], tags=[f"priority:{priority}"], limit=CANDIDATES):
-            won = await client.set_flow_run_state(run.id, Pending(message=f"claimed by buffer worker {worker_id}"))
-            if won.status != SetStateStatus.ACCEPT:
-                continue  # another claimer (or replica) took it first
-            lease = f"{run.id}.{uuid.uuid4().hex[:12]}"
-            await client.update_flow_run_labels(run.id, {WORKER_LABEL: worker_id, LEASE_LABEL: lease,
-                                                         REPORTED_LABEL: ""})
-            running = await client.set_flow_run_state(run.id, Running(message=f"on buffer worker {worker_id}"))
-            if running.status != SetStateStatus.ACCEPT:  # cancelled in between: leave it to its new state
-                log.warning("claim of %s by %s: Running refused (%s)", run.id, worker_id, running.details)
-                continue
-            log.info("job %s claimed by buffer worker %s (lease %s)", job_id_of(run), worker_id, lease)
-            return claim_body(run, lease)
+        candidates += await buffer_runs(client, [StateType.SCHEDULED], tags=[f"priority:{priority}"], limit=CANDIDATES)
+    if not candidates:
+        return None
+    worker = (await buffer_workers(client)).get(worker_id)
+    if worker is None or not worker.online(utcnow(), offline_sec):
+        raise ClaimRefused(f"worker {worker_id} has no heartbeat within the last {offline_sec:g} s: heartbeat first")
+    held = sum(1 for r in await active_buffer_runs(client) if (r.labels or {}).get(WORKER_LABEL) == worker_id)
+    if held >= worker.capacity:
+        return None
+    for run in candidates:
+        won = await client.set_flow_run_state(run.id, Pending(message=f"claimed by buffer worker {worker_id}"))
+        if won.status != SetStateStatus.ACCEPT:
+            continue  # another claimer (or replica) took it first
+        lease = f"{run.id}.{uuid.uuid4().hex[:12]}"
+        await client.update_flow_run_labels(run.id, {WORKER_LABEL: worker_id, LEASE_LABEL: lease, REPORTED_LABEL: ""})
+        running = await client.set_flow_run_state(run.id, Running(message=f"on buffer worker {worker_id}"))
+        if running.status != SetStateStatus.ACCEPT:  # cancelled in between: leave it to its new state
+            log.warning("claim of %s by %s: Running refused (%s)", run.id, worker_id, running.details)
+            continue
+        log.info("job %s claimed by buffer worker %s (lease %s)", job_id_of(run), worker_id, lease)
+        return claim_body(run, lease)
     return None
 
 
@@ -157,20 +172,3 @@ async def report(client: PrefectClient, lease: str, body: dict[str, Any], max_at
     if result.status != SetStateStatus.ACCEPT:
         raise LeaseConflict(f"buffer job {lease}: Prefect refused the final state ({result.details})")
     return "succeeded" if outcome.http_status == 200 else "failed"
-
-
-async def claim_refusal(client: PrefectClient, worker_id: str, offline_sec: float) -> tuple[str | None, int]:
-    """Why ``worker_id`` may not claim now (no heartbeat within the offline window) or None, and the
-    capacity it heartbeats."""
-    from orchestrator.workers import buffer_workers, utcnow
-
-    worker = (await buffer_workers(client)).get(worker_id)
-    if worker is None or not worker.online(utcnow(), offline_sec):
-        return f"worker {worker_id} has no heartbeat within the last {offline_sec:g} s: heartbeat first", 0
-    return None, worker.capacity
-
-
-async def has_free_slot(client: PrefectClient, worker_id: str, capacity: int) -> bool:
-    """Whether ``worker_id`` holds fewer runs than the capacity it heartbeats."""
-    held = sum(1 for r in await active_buffer_runs(client) if (r.labels or {}).get(WORKER_LABEL) == worker_id)
-    return held < capacity

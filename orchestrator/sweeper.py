@@ -54,10 +54,11 @@ async def requeue_lost(client: PrefectClient, settings: OrchestratorSettings, up
         since = run.state.timestamp if run.state is not None else None
         held_long = since is not None and (now - since) >= timedelta(seconds=offline)
         if worker is not None and worker.online(now, offline):
-            if not (worker.status == "idle" and held_long):
+            idle = worker.status == "idle" and worker.idle_since is not None and since is not None
+            if not (idle and worker.idle_since >= since and (now - worker.idle_since) >= timedelta(seconds=offline)):
                 continue
-            # Alive but idle while holding the run for a whole window: the claim's answer never reached it
-            # (a timed-out request the server still completed), so nobody renders this job.
+            # Alive, and idle in every heartbeat for a whole window since it got the run: the claim's answer
+            # never reached it (a timed-out request the server still completed), so nobody renders this job.
             reason = f"buffer worker {holder} reports idle while holding the job (its claim answer was lost)"
         elif worker is None and not held_long:
             continue  # a claim in progress (labels not written yet) or a worker Prefect has not listed yet

@@ -37,6 +37,7 @@ class BufferWorker:
     capacity: int
     error: str | None
     last_heartbeat: datetime | None  # Prefect's record (server clock)
+    idle_since: datetime | None = None  # idle in every heartbeat since then
 
     def online(self, now: datetime, offline_sec: float) -> bool:
         return self.last_heartbeat is not None and (now - self.last_heartbeat).total_seconds() <= offline_sec
@@ -45,8 +46,17 @@ class BufferWorker:
 async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str, Any], offline_sec: float) -> None:
     # Prefect marks a worker offline after a few missed intervals; this makes its "offline" ours.
     await client.send_worker_heartbeat(BUFFER_POOL, worker_id, heartbeat_interval_seconds=max(1, int(offline_sec // 3)))
-    value = json.dumps({"worker_id": worker_id, **body})
     name = variable_name(worker_id)
+    idle_since = None
+    if body.get("status") == "idle":
+        # how long the worker has been idle without a break: the sweeper's evidence of a lost claim answer
+        previous = await client.read_variable_by_name(name)
+        try:
+            before = json.loads(previous.value) if previous is not None else {}
+        except (TypeError, ValueError):
+            before = {}
+        idle_since = (before.get("idle_since") if before.get("status") == "idle" else None) or utcnow().isoformat()
+    value = json.dumps({"worker_id": worker_id, **body, "idle_since": idle_since})
     try:
         await client.update_variable(VariableUpdate(name=name, value=value))
     except httpx.HTTPStatusError as exc:
@@ -75,8 +85,12 @@ async def buffer_workers(client: PrefectClient) -> dict[str, BufferWorker]:
         beat = record.last_heartbeat_time
         if beat is not None and beat.tzinfo is None:
             beat = beat.replace(tzinfo=timezone.utc)
+        try:
+            idle_since = datetime.fromisoformat(data["idle_since"]) if data.get("idle_since") else None
+        except (TypeError, ValueError):
+            idle_since = None
         out[name] = BufferWorker(name, str(data.get("status") or "busy"), data.get("gpu_class"),
-                                 int(data.get("capacity") or 1), data.get("error"), beat)
+                                 int(data.get("capacity") or 1), data.get("error"), beat, idle_since)
     return out
 
 

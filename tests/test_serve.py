@@ -211,6 +211,9 @@ def test_openapi_documents_the_contract(worker):
     request = schema["components"]["schemas"]["JobRequest"]
     assert {"musetalk_job_id", "video_url", "audio_url"} <= set(request["required"])
     assert "output_url" in schema["components"]["schemas"]["JobSuccess"]["required"]
+    page = worker.http.get("/docs").text  # Swagger UI from the installed package, no CDN
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert worker.http.get("/docs-assets/swagger-ui.css").status_code == 200
 
 
 @pytest.mark.parametrize("content, fragment", [
