@@ -277,6 +277,14 @@ def cmd_batch(args) -> int:
         raise UsageError(f"manifest: {exc}") from None
     if not jobs:
         raise UsageError(f"manifest {args.manifest}: no jobs in it")
+    from musetalk_engine.errors import MediaError
+    from tasks.contract import JobRequest
+
+    for n, job in enumerate(jobs, start=1):  # the flow's typed parameter would refuse the whole batch later
+        try:
+            JobRequest.parse(job)
+        except MediaError as exc:
+            raise UsageError(f"manifest job {n} ({job.get('musetalk_job_id') or 'no id'}): {exc.message}") from None
     if args.submit:
         from prefect.deployments import run_deployment
 

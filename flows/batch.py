@@ -3,17 +3,25 @@ table (Prefect artifact + CSV) and a summary out.
 
 - Jobs that share an avatar (same ``video_url``) run back to back, so the avatar is prepared once and the
   engine's caches stay hot.
-- Each job is :func:`flows.generate.run_job` inside this flow run (in-process: the engine loads once per
-  batch run, not once per job). A failing job becomes a failed row; the others carry on.
+- Each job is its own run, a ``batch-job`` subflow named by the job id (in-process: the engine loads once
+  per batch run, not once per job), with a progress artifact while it renders and a link artifact to its
+  video. A failing job becomes a failed row (and a failed job run); the others carry on.
 - ``fan_out=N`` spreads a large batch over the work pool: the manifest is cut into N+1 shares, shares
   1..N become child runs of the same deployment (``fan_out=0``) that other workers pick up, and this run
   renders share 0 meanwhile, then waits (bounded) and gathers the children's rows from their artifacts
   (stored by the Prefect server, so it works across machines without shared result storage).
 - Re-running a job id overwrites the same output keys (storage keys are a pure function of the job id).
 
-The flow run ends Completed when every job was attempted, whatever the jobs' own outcomes (those are in
-the table); it ends Failed (with the summary as its data) when the machinery broke: the engine could not
-load, or a child share did not finish within the bound."""
+- Fan-out never waits on children no worker can take: shares are capped by the pool's online workers
+  (minus this run's own), and a child still unclaimed when this run has finished its own share is
+  cancelled and rendered here instead.
+
+The final state tells the truth (the summary is its data): Completed when every job succeeded;
+**Partial** (a Completed-type state) when some failed; Failed when none succeeded; **Incomplete** (a
+Failed-type state) when the machinery broke — the engine could not load, or a child share did not finish
+within the bound. ``jobs`` is typed (a list of :class:`tasks.contract.JobRequest`), so Prefect's UI shows
+a form and the server validates a list before the run starts; a manifest *file* is parsed in the run,
+where a bad row fails as its own job."""
 
 from __future__ import annotations
 
@@ -29,13 +37,15 @@ from uuid import UUID
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-from prefect.states import Failed
+from prefect import tags
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Cancelled, Completed, Failed
 
 from flows.generate import run_job
 from tasks.engine import get_engine
 from tasks.fetch import display_url
-from tasks.contract import JobOutcome, failure_outcome
+from tasks.artifacts import link_output, progress_artifact
+from tasks.contract import JobOutcome, JobRequest, failure_outcome
 from tasks.storage import atomic_write
 from tasks.settings import get_settings
 
@@ -44,6 +54,9 @@ COLUMNS = ("index", "musetalk_job_id", "status", "http_status", "output_url", "t
            "error_message", "stage", "retryable", "avatar_cached", "video", "share", "worker")
 LOCAL_SHARE = "local"
 POLL_INTERVAL_S = 2.0
+# Names of the batch's final states besides Completed/Failed (see the module docstring).
+PARTIAL = "Partial"
+INCOMPLETE = "Incomplete"
 # Slack on top of the per-job budget for a child to be picked up, start its interpreter and load models.
 FAN_OUT_SLACK_S = 900.0
 
@@ -180,6 +193,31 @@ def failed_rows(pairs: Sequence[tuple[int, dict[str, Any]]], exc: BaseException,
             for i, job in pairs]
 
 
+@flow(name="batch-job", flow_run_name="{job_id}", log_prints=True)
+def batch_job(job: dict[str, Any], job_id: str, queue_job_id: str | None = None):
+    """One job of a batch as its own run (named by the job id): progress artifact while it renders, a link
+    artifact to the video when done; ends Failed (carrying the failure body) when the job failed."""
+    with progress_artifact(job_id):
+        outcome = run_job(job, queue_job_id)
+    if outcome.http_status != 200:
+        return Failed(message=str(outcome.body.get("error_message")), data=outcome.model_dump())
+    if outcome.body.get("output_url"):
+        link_output(job_id, outcome.body["output_url"])
+    return outcome.model_dump()
+
+
+def _job_outcome(state: Any, job_id: str) -> JobOutcome:
+    """The outcome a ``batch-job`` state carries; one that crashed without one becomes a worker fault."""
+    from musetalk_engine.errors import ProcessingError
+
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, dict) and "http_status" in data:
+        return JobOutcome.model_validate(data)
+    why = f"job run ended {state.name} without an outcome: {state.message or data}"
+    return failure_outcome(ProcessingError(why, stage="inference", retryable=True), stage="inference",
+                           job_id=job_id)
+
+
 def run_local(pairs: Sequence[tuple[int, dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
     """Run jobs one after another on this process's engine; (rows, engine_ok)."""
     logger = get_run_logger()
@@ -192,9 +230,15 @@ def run_local(pairs: Sequence[tuple[int, dict[str, Any]]]) -> tuple[list[dict[st
         return failed_rows(pairs, exc, "preprocessing", LOCAL_SHARE, worker_name()), False
     logger.info("rendering %d job(s) on %s", len(pairs), engine.device)
     rows = []
+    from prefect.runtime import flow_run
+
     for n, (index, job) in enumerate(pairs, start=1):
         started = time.perf_counter()
-        outcome = run_job(job, job.get("queue_job_id"))
+        label = _job_label(index, job)
+        # each job's run carries its batch, so the UI (and tests) find a batch's job runs by tag
+        with tags(f"batch:{flow_run.id}"):
+            state = batch_job(job, label, job.get("queue_job_id"), return_state=True)
+        outcome = _job_outcome(state, label)
         rows.append(outcome_row(index, job, outcome, time.perf_counter() - started, worker=worker_name()))
         logger.info("job %d/%d %s: %s", n, len(pairs), rows[-1]["musetalk_job_id"], rows[-1]["status"])
     return rows, True
@@ -232,6 +276,54 @@ def dispatch_shares(deployment: str, shares: Sequence[Sequence[tuple[int, dict[s
     return ids
 
 
+def online_workers(run_id: str) -> int | None:
+    """Online workers of the work pool this run came from (None when it came from no pool)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_flow_run(UUID(run_id)).work_pool_name
+        if not pool:
+            return None
+        workers = client.read_workers_for_work_pool(
+            pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+    return len(workers)
+
+
+def capped_fan_out(fan_out: int, online: int | None) -> int:
+    """Children that can actually be taken: one per online worker besides the one running this batch."""
+    if online is None:
+        return fan_out
+    return max(0, min(fan_out, online - 1))
+
+
+def reclaim_unstarted(ids: Sequence[UUID], dispatched_at: float, pickup_s: float,
+                      poll_s: float = POLL_INTERVAL_S) -> set[UUID]:
+    """Cancel the children no worker claimed within ``pickup_s`` of their dispatch (still Scheduled) and
+    return their ids: this run renders their shares itself instead of waiting for a worker that may never
+    come. Returns at once when every child has been claimed; a child a worker claims while being cancelled
+    refuses the cancel and is waited for as usual."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    taken: set[UUID] = set()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids))))
+            waiting = [r for r in runs if r.state is not None and r.state.is_scheduled()]
+            if not waiting:
+                return taken
+            if time.monotonic() - dispatched_at >= pickup_s:
+                break
+            time.sleep(poll_s)
+        for run in waiting:
+            result = client.set_flow_run_state(
+                run.id, Cancelled(message="no worker took this share; the parent batch rendered it"))
+            if result.status.value == "ACCEPT":
+                taken.add(run.id)
+    return taken
+
+
 def wait_for_runs(ids: Sequence[UUID], timeout_s: float, poll_s: float = POLL_INTERVAL_S) -> dict[UUID, Any]:
     """The flow runs ``ids`` once all are final or ``timeout_s`` has passed (whichever comes first)."""
     from prefect.client.orchestration import get_client
@@ -267,8 +359,9 @@ def artifact_rows(flow_run_id: UUID) -> list[dict[str, Any]] | None:
 
 def gather_share(share: Sequence[tuple[int, dict[str, Any]]], run: Any | None, timeout_s: float
                  ) -> tuple[list[dict[str, Any]], bool]:
-    """A child share's rows (re-indexed to the parent manifest) and whether the child completed (a child
-    that ended Failed had a machinery problem of its own, even when it published rows)."""
+    """A child share's rows (re-indexed to the parent manifest) and whether the child's machinery held (a
+    child that ended Incomplete, or crashed, had a problem of its own even when it published rows; one
+    that ended Failed because every job failed did its work)."""
     from musetalk_engine.errors import ProcessingError
 
     label = run.name if run is not None else "?"
@@ -279,7 +372,7 @@ def gather_share(share: Sequence[tuple[int, dict[str, Any]]], run: Any | None, t
             by_index = sorted(rows, key=lambda r: r.get("index", 0))
             # the child numbered its own manifest 0..n-1; map back to this batch's manifest positions
             return ([{**row, "index": i, "share": label} for (i, _), row in zip(share, by_index)],
-                    state.is_completed())
+                    state.is_completed() or (state.is_failed() and state.name != INCOMPLETE))
         why = f"sub-batch {label} ended {state.name} without a results table: {state.message or ''}".strip()
         return failed_rows(share, ProcessingError(why, stage="inference", retryable=True),
                            "inference", label), False
@@ -317,22 +410,58 @@ def summarize(rows: Sequence[dict[str, Any]], flow_run_id: str, csv_path: Path,
 
 # ----------------------------------------------------------------------------------------------- flow
 
+def final_state(summary: dict[str, Any], healthy: bool):
+    """The batch run's final state, carrying the summary (see the module docstring)."""
+    ok, total, failed = summary["succeeded"], summary["total"], summary["failed"]
+    if not healthy:
+        return Failed(name=INCOMPLETE, data=summary,
+                      message=f"batch incomplete: part of it could not run; {ok} of {total} job(s) succeeded")
+    if failed and not ok:
+        return Failed(message=f"all {total} job(s) failed", data=summary)
+    if failed:
+        return Completed(name=PARTIAL, message=f"{ok} of {total} job(s) succeeded, {failed} failed", data=summary)
+    return Completed(message=f"all {total} job(s) succeeded", data=summary)
+
+
+def publish_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """The results table (read back by a parent batch) and a page of links to the videos."""
+    create_table_artifact(table=list(rows), key=ARTIFACT_KEY,
+                          description=f"{summary['succeeded']}/{summary['total']} job(s) succeeded; each "
+                                      "output_url is the job's video (also linked from its job run)")
+    lines = [f"- [{r['musetalk_job_id']}]({r['output_url']})" if r["status"] == "ok" else
+             f"- {r['musetalk_job_id']}: failed at {r['stage']}: {r['error_message']}" for r in rows]
+    create_markdown_artifact(markdown=f"## {summary['succeeded']}/{summary['total']} job(s) succeeded\n\n"
+                                      + "\n".join(lines), key=f"{ARTIFACT_KEY}-outputs",
+                             description="the batch's videos")
+
+
 @flow(name="batch", log_prints=True)
-def batch(jobs: list[dict[str, Any]] | str, fan_out: int = 0, deployment: str | None = None,
-          wait_timeout_s: float | None = None):
-    """Render a manifest of jobs (list of job dicts, or a CSV/JSONL/JSON path on the worker).
+def batch(jobs: list[JobRequest] | str, fan_out: int = 0, deployment: str | None = None,
+          wait_timeout_s: float | None = None, pickup_timeout_s: float | None = None):
+    """Render a manifest of jobs (a list of jobs, or a CSV/JSONL/JSON path on the worker).
 
     ``fan_out``: number of child runs to hand shares of the batch to (0 = all here); ``deployment``: the
     ``batch/<name>`` deployment for them (default: the one this run came from); ``wait_timeout_s``: bound
-    on waiting for them (default: per-job timeout × largest share + slack)."""
+    on waiting for them (default: per-job timeout × largest share + slack); ``pickup_timeout_s``: how
+    long after dispatch a child may stay unclaimed before this run renders its share itself (default
+    ``MUSETALK_FANOUT_PICKUP_SEC``)."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     run_id = str(flow_run.id)
+    if isinstance(jobs, (list, tuple)):  # validated by Prefect already; back to plain bodies for the rows
+        jobs = [j.model_dump(mode="json", exclude_unset=True) if isinstance(j, JobRequest) else j for j in jobs]
     manifest = load_manifest(jobs)
     ordered = group_by_avatar(manifest)
     logger.info("batch of %d job(s), %d avatar(s)", len(ordered), len({str(j.get('video_url')) for j in manifest}))
 
+    if fan_out > 0:
+        online = online_workers(run_id)
+        capped = capped_fan_out(fan_out, online)
+        if capped < fan_out:
+            logger.warning("fan_out=%d but the pool has %s online worker(s) besides this one: %d child run(s)",
+                           fan_out, online - 1 if online else 0, capped)
+        fan_out = capped
     shares = split_shares(ordered, fan_out + 1) if fan_out > 0 and ordered else [list(ordered)]
     target = _deployment_name(deployment) if len(shares) > 1 else None
     if len(shares) > 1 and target is None:
@@ -340,12 +469,26 @@ def batch(jobs: list[dict[str, Any]] | str, fan_out: int = 0, deployment: str | 
                        fan_out)
         shares = [list(ordered)]
     child_ids = dispatch_shares(target, shares[1:], run_id) if target else []
+    dispatched_at = time.monotonic()
     if child_ids:
         logger.info("fanned out %d share(s) to %s: %s", len(child_ids), target, [str(i) for i in child_ids])
 
     rows, healthy = run_local(shares[0])
 
     children = []
+    if child_ids:
+        # never wait on a share no worker took: render it here
+        pickup = pickup_timeout_s if pickup_timeout_s is not None else get_settings().musetalk_fanout_pickup_sec
+        reclaimed = reclaim_unstarted(child_ids, dispatched_at, pickup)
+        for share, child_id in [(sh, cid) for sh, cid in zip(shares[1:], child_ids) if cid in reclaimed]:
+            logger.warning("no worker took child run %s; rendering its %d job(s) here", child_id, len(share))
+            share_rows, ok = run_local(share)
+            rows.extend(share_rows)
+            healthy = healthy and ok
+            children.append({"flow_run_id": str(child_id), "name": None, "state": "Cancelled",
+                             "jobs": len(share), "rendered_by_parent": True})
+        pending = [(sh, cid) for sh, cid in zip(shares[1:], child_ids) if cid not in reclaimed]
+        shares, child_ids = [shares[0], *[sh for sh, _ in pending]], [cid for _, cid in pending]
     if child_ids:
         bound = wait_timeout_s if wait_timeout_s is not None else (
             get_settings().musetalk_job_timeout_sec * max(len(s) for s in shares[1:]) + FAN_OUT_SLACK_S)
@@ -362,11 +505,6 @@ def batch(jobs: list[dict[str, Any]] | str, fan_out: int = 0, deployment: str | 
     rows.sort(key=lambda r: position[r["index"]])  # the grouped order the jobs ran in
     csv_path = write_results(rows, results_csv_path(run_id))
     summary = summarize(rows, run_id, csv_path, children)
-    create_table_artifact(table=list(rows), key=ARTIFACT_KEY,
-                          description=f"{summary['succeeded']}/{summary['total']} job(s) succeeded; "
-                                      f"results CSV `{csv_path}`")
+    publish_results(rows, summary)
     logger.info("batch done: %d ok, %d failed; %s", summary["succeeded"], summary["failed"], csv_path)
-    if not healthy:
-        return Failed(message=f"batch incomplete: {summary['failed']} of {summary['total']} job(s) failed "
-                              "and part of the batch could not run", data=summary)
-    return summary
+    return final_state(summary, healthy)

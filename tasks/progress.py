@@ -20,7 +20,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Generator, Literal
+from contextvars import ContextVar
+from typing import Any, Callable, Generator, Literal
 from urllib.parse import quote
 
 import httpx
@@ -29,6 +30,11 @@ from pydantic import SecretStr
 from tasks.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
+
+# Someone else following a job's progress in this context (a batch shows each job's progress as a Prefect
+# artifact on that job's run): called with (phase, progress 0..1) on every update, orchestrator or not.
+progress_listener: ContextVar[Callable[[str, float], None] | None] = ContextVar("progress_listener",
+                                                                               default=None)
 
 Status = Literal["running", "succeeded", "failed"]
 Phase = Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
@@ -205,6 +211,8 @@ class ProgressReporter:
     def __init__(self, client: OrchestratorClient | None, job_id: str, *, min_interval: float = 0.5,
                  max_pending: int = 16, owns_client: bool = False):
         self.job_id = job_id
+        # read here, in the job's own context: updates also come from render threads, which do not see it
+        self._listener = progress_listener.get()
         self._owns_client = owns_client
         self.min_interval = min_interval
         self._client = client if client is not None and client.base_url else None
@@ -231,6 +239,12 @@ class ProgressReporter:
     def update(self, phase: Phase, progress: float, *, status: Status = "running",
                metrics: dict[str, Any] | None = None, error: Any = None, output_url: str | None = None) -> None:
         """Record the job's state (never blocks on the network, never raises)."""
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener(phase, progress)
+            except Exception:  # a display of progress must never fail the job
+                log.debug("progress listener failed", exc_info=True)
         if self._client is None:
             return
         state = {"status": status, "progress": progress, "phase": phase, "metrics": metrics, "error": error,

@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     # Start timeout of the temporary Prefect server (no PREFECT_API_URL). Prefect's own default (20 s) is
     # shorter than a cold start on a loaded machine: `musetalk-flow batch` failed 2 of 4 times on it.
     musetalk_prefect_start_timeout_sec: float = Field(120.0, gt=0)
+    # Fan-out: how long a child share may stay unclaimed before the parent batch renders it itself (a
+    # worker polls every ~10-15 s; longer means no worker is free to take it).
+    musetalk_fanout_pickup_sec: float = Field(60.0, ge=0)
 
     @field_validator("musetalk_private_url_allowlist")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -112,9 +113,13 @@ def test_child_rows_map_back_to_the_parent_manifest(monkeypatch):
     rows, finished = gather_share(share, run, 60)
     assert finished and [(r["index"], r["musetalk_job_id"], r["share"]) for r in rows] == \
         [(7, "p", "child-1"), (2, "q", "child-1")]
-    # a child that ended Failed: its rows count, but the batch is marked incomplete
-    rows, finished = gather_share(share, SimpleNamespace(id="r", name="child-1", state=Failed()), 60)
+    # a child that ended Incomplete (its machinery broke): its rows count, but the batch is incomplete
+    rows, finished = gather_share(share, SimpleNamespace(id="r", name="child-1",
+                                                         state=Failed(name="Incomplete")), 60)
     assert not finished and len(rows) == 2
+    # one that ended Failed because every one of its jobs failed did its work
+    rows, finished = gather_share(share, SimpleNamespace(id="r", name="child-1", state=Failed()), 60)
+    assert finished and len(rows) == 2
     # ... and without a table every job of the share is a failed row naming the child
     monkeypatch.setattr(batch_mod, "artifact_rows", lambda run_id: None)
     rows, finished = gather_share(share, SimpleNamespace(id="r", name="child-1", state=Failed(message="boom")), 60)
@@ -167,7 +172,7 @@ def first_run(env, clip):
 
 def test_batch_isolates_failures_and_groups_avatars(first_run, env):
     state, loads = first_run
-    assert state.is_completed(), state.message
+    assert state.is_completed() and state.name == "Partial", (state.name, state.message)
     summary = state.result()
     assert (summary["total"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
     assert summary["children"] == []
@@ -212,7 +217,7 @@ def test_batch_writes_csv_and_table_artifact(first_run, env):
 
 def test_rerun_overwrites_and_avatar_task_is_cached(first_run, env, clip):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 
     from flows.batch import batch
     from musetalk_engine.engine import Engine
@@ -233,11 +238,106 @@ def test_rerun_overwrites_and_avatar_task_is_cached(first_run, env, clip):
     assert not list(out.parent.glob("job-a*.mp4"))[1:]  # overwritten, not duplicated
 
     with get_client(sync_client=True) as client:
+        job_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"batch:{summary['flow_run_id']}"])))
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[UUID(summary["flow_run_id"])])))
+            id=FlowRunFilterId(any_=[r.id for r in job_runs])))
     avatar_runs = [r for r in runs if r.name.startswith("cache-avatar")]
     assert avatar_runs and all(r.state.name == "Cached" for r in avatar_runs), \
         [(r.name, r.state.name) for r in runs]
+
+
+def _read_back(run_id: str):
+    """The batch run, its job runs and every artifact of both, as the Prefect server has them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+        jobs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"batch:{run_id}"])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *[j.id for j in jobs]])))
+    return run, {j.name: j for j in jobs}, arts
+
+
+def test_prefect_shows_each_job_with_progress_and_a_link(first_run):
+    """Read back from the server: the batch ended Partial (2 of 3 ok); each job is its own run named by its
+    id, failed when the job failed; each has a progress artifact at 100 % (or where it stopped) and the
+    successful ones a link artifact to their video."""
+    state, _ = first_run
+    summary = state.result()
+    run, jobs, arts = _read_back(summary["flow_run_id"])
+    assert (run.state.type.value, run.state.name) == ("COMPLETED", "Partial")
+    assert "2 of 3" in run.state.message
+    assert set(jobs) == {"job-a", "job-b", "job-bad"}
+    assert {n: j.state.type.value for n, j in jobs.items()} == {"job-a": "COMPLETED", "job-b": "COMPLETED",
+                                                               "job-bad": "FAILED"}
+    by_run = {}
+    for a in arts:
+        by_run.setdefault(a.flow_run_id, []).append(a)
+    urls = {j["musetalk_job_id"]: j["output_url"] for j in summary["jobs"]}
+    for name in ("job-a", "job-b"):
+        kinds = {a.type: a for a in by_run[jobs[name].id]}
+        assert float(kinds["progress"].data) == 100.0 and "completed" in kinds["progress"].description
+        assert urls[name] in kinds["markdown"].data  # a link artifact is stored as markdown: [text](url)
+    bad = {a.type: a for a in by_run[jobs["job-bad"].id]}
+    assert "markdown" not in bad and "failed" in bad["progress"].description
+    outputs = [a for a in by_run[run.id] if a.type == "markdown"]
+    assert outputs and urls["job-a"] in outputs[0].data  # the batch links its videos, not a worker's CSV path
+
+
+def test_batch_where_every_job_failed_ends_failed(env):
+    from flows.batch import batch
+
+    state = batch(jobs=[{"musetalk_job_id": "gone-1", "video_url": str(env / "gone.mp4"),
+                         "audio_url": str(env / "gone.wav")}], return_state=True)
+    run, jobs, _ = _read_back(state.result(raise_on_failure=False)["flow_run_id"])
+    assert (run.state.type.value, run.state.name) == ("FAILED", "Failed") and "all 1 job(s) failed" in run.state.message
+    assert jobs["gone-1"].state.type.value == "FAILED"
+
+
+def test_batch_list_parameter_is_the_job_model():
+    """The UI's Run form and the server's validation come from the flow's parameter schema."""
+    from flows.batch import batch
+
+    schema = batch.parameters.model_dump()
+    jobs = schema["properties"]["jobs"]
+    assert any(opt.get("type") == "array" and "$ref" in json.dumps(opt.get("items", {}))
+               for opt in jobs["anyOf"]), jobs
+    assert "JobRequest" in schema["definitions"]
+    assert set(schema["definitions"]["JobRequest"]["required"]) == {"musetalk_job_id", "video_url", "audio_url"}
+
+
+def test_fan_out_is_capped_by_online_workers():
+    from flows.batch import capped_fan_out
+
+    assert capped_fan_out(3, None) == 3  # not from a pool: the caller named the deployment
+    assert capped_fan_out(3, 1) == 0  # only this run's own worker is online: nothing can take a child
+    assert capped_fan_out(3, 3) == 2 and capped_fan_out(1, 5) == 1
+
+
+def test_unclaimed_child_share_is_rendered_by_the_parent(env, clip):
+    """fan_out to a deployment no worker serves: the child stays Scheduled, so the parent cancels it and
+    renders its share itself instead of waiting (the default wait was 45 minutes)."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.workpool import deploy
+    from flows.batch import batch
+
+    deploy(pool="gpu-nobody")
+    jobs = [{"musetalk_job_id": f"fan-{n}", "video_url": str(clip["video"]), "audio_url": str(clip["speech"])}
+            for n in range(2)]
+    started = time.monotonic()
+    state = batch(jobs=jobs, fan_out=1, deployment="batch/gpu", wait_timeout_s=600, pickup_timeout_s=1,
+                  return_state=True)
+    assert time.monotonic() - started < 300
+    summary = state.result()
+    assert state.is_completed() and state.name == "Completed", state.message
+    assert summary["succeeded"] == 2 and len(summary["children"]) == 1
+    child = summary["children"][0]
+    assert child["rendered_by_parent"] is True
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(child["flow_run_id"])).state.type.value == "CANCELLED"
 
 
 def test_cli_batch_reports_failures(env, tmp_path, capsys):
