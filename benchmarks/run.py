@@ -41,6 +41,7 @@ from benchmarks.schema import (
     Workload,
 )
 from benchmarks.workload import WorkloadMedia, default_work_dir, make_workload, profile_models
+from musetalk_engine.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -329,10 +330,7 @@ def write_result(result: BenchmarkResult, path: Path) -> Path:
     """Write the result JSON atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8"))
 
 
 if __name__ == "__main__":  # pragma: no cover - use `python -m benchmarks`

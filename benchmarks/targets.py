@@ -14,15 +14,14 @@ and charts, while scaling ignores it (no id → no container group). Re-merging 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import pandas as pd
 
 from benchmarks.schema import BenchmarkResult
+from musetalk_engine.files import atomic_write
 from tasks.scaling import ClassPrice, PriceList, read_prices, read_targets
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -51,17 +50,7 @@ def write_targets(path: PathLike, targets: list[dict[str, Any]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(targets, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
 
 
 # ------------------------------------------------------------------------------------- matching

@@ -44,9 +44,9 @@ from prefect.states import Cancelled, Completed, Failed
 from flows.generate import run_job
 from tasks.engine import get_engine
 from tasks.fetch import display_url
+from musetalk_engine.files import atomic_write
 from tasks.artifacts import link_output, progress_artifact
 from tasks.contract import JobOutcome, JobRequest, failure_outcome
-from tasks.storage import atomic_write
 from tasks.settings import get_settings
 
 ARTIFACT_KEY = "musetalk-batch"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from .blend import BLUR_FACTOR
 from .errors import MediaError, NoFaceError
 from .facebox import EXTRA_MARGIN, Box, face_box, fill_missing
+from .files import atomic_write
 from .video import VideoInfo, decode_frames, probe_video
 from .weights import VAE_SCALING_FACTOR
 
@@ -93,11 +92,9 @@ class Avatar:
         meta = {"format": AVATAR_FORMAT, "video_sha256": self.video_sha256, "fps": self.fps,
                 "width": self.width, "height": self.height, "params": self.params,
                 "weights_fingerprint": self.weights_fingerprint}
-        with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".avatar-") as tmp:
-            save_file(tensors, os.path.join(tmp, "avatar.safetensors"))
-            Path(tmp, "avatar.json").write_text(json.dumps(meta, indent=1))
-            for name in ("avatar.safetensors", "avatar.json"):  # json last: its presence marks completeness
-                os.replace(os.path.join(tmp, name), directory / name)
+        atomic_write(directory / "avatar.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        # json last: its presence marks completeness
+        atomic_write(directory / "avatar.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
     @classmethod
     def load(cls, directory: Path) -> "Avatar":

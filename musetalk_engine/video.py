@@ -17,8 +17,8 @@ import ffmpeg
 import numpy as np
 
 from .errors import MediaError, ProcessingError
+from .probe import IMAGE_CODECS, ProbeFailed, display_rotation, ffprobe
 
-IMAGE_CODECS = {"png", "mjpeg", "webp", "bmp", "tiff", "gif", "jpegls"}
 SAFE_PROTOCOLS = "file,pipe"  # playlists (HLS, concat) must not reach other files or the network
 
 
@@ -32,26 +32,12 @@ class VideoInfo:
     is_image: bool
 
 
-def display_rotation(stream: dict) -> int:
-    """Display rotation in degrees (0/90/180/270) of an ffprobe stream: the display matrix's side data,
-    else the legacy ``rotate`` tag; 0 when neither holds a number."""
-    value = (stream.get("tags") or {}).get("rotate")
-    for side in stream.get("side_data_list") or []:
-        if "rotation" in side:
-            value = side["rotation"]
-    try:
-        return int(round(float(value))) % 360
-    except (TypeError, ValueError):
-        return 0
-
-
 def probe_video(path: str | Path) -> VideoInfo:
     """Size (as displayed), frame rate, duration and kind of the first video stream."""
     try:
-        meta = ffmpeg.probe(str(path), protocol_whitelist=SAFE_PROTOCOLS)
-    except ffmpeg.Error as exc:
-        msg = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise MediaError(f"the video {Path(path).name!r} cannot be read: {msg[-1] if msg else 'not a media file'}",
+        meta = ffprobe(path)
+    except ProbeFailed as exc:
+        raise MediaError(f"the video {Path(path).name!r} cannot be read: {exc.reason}",
                          stage="validation", details={"video": str(path)}) from None
     streams = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"]
     if not streams:

@@ -11,9 +11,9 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 
 from musetalk_engine.engine import Engine
+from musetalk_engine.files import atomic_write
 
 from .engine import get_engine
-from .storage import atomic_write
 
 
 def audio_states_path(cache_dir: Path, audio_sha256: str, weights_fingerprint: str) -> Path:

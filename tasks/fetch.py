@@ -29,12 +29,10 @@ holds a signature.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -48,9 +46,10 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
-from musetalk_engine.video import display_rotation
+from musetalk_engine.files import atomic_write
+from musetalk_engine.probe import (IMAGE_CODECS, IMAGE_FORMATS, PROBE_TIMEOUT_SEC, ProbeFailed, display_rotation,
+                                   ffprobe)
 from tasks.settings import ALLOWLIST_ENV, Settings, get_settings
-from tasks.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +58,7 @@ Kind = Literal["video", "audio"]
 ATTEMPTS = 3
 MAX_REDIRECTS = 5
 SNIFF_BYTES = 512
-PROBE_TIMEOUT_SEC = 30.0
 USER_AGENT = "musetalk-flow/0.1"
-
-# ffprobe format/codec names of single still images (accepted as a still avatar).
-IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe"}
-IMAGE_CODECS = {"png", "mjpeg", "webp", "bmp", "tiff"}
-
-# Demuxers ffprobe may use on a customer's file (names as ffmpeg spells them; a demuxer with several
-# names, like "mov,mp4,m4a,3gp,3g2,mj2", matches on any one). Everything that can open *other*
-# resources is left out on purpose: hls, dash, concat, imf, ffmetadata, sdp/rtp/rtsp, … — a playlist
-# that names local files (``/app/results/other-job.mp4``) would otherwise be read, and
-# ``-protocol_whitelist file`` allows exactly that. The text sniff of :func:`download` does not stop
-# them alone: one control byte makes a playlist look binary.
-ALLOWED_DEMUXERS = (
-    "mov", "matroska", "avi", "flv", "mpegts", "mpeg", "asf", "ogg", "mxf", "nut", "dv", "ivf",
-    "h264", "hevc", "m4v", "mjpeg", "yuv4mpegpipe", "gif",
-    "wav", "w64", "aiff", "mp3", "aac", "flac", "amr", "caf", "ac3", "eac3", "dts", "wv", "ape", "tta",
-    "au", "voc",
-    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
-)
-
 
 class _Transient(Exception):
     """A failure worth another attempt; ``framing`` marks broken HTTP framing (see module doc)."""
@@ -559,40 +538,21 @@ def check_media(info: MediaInfo, kind: Kind, settings: Settings, label: str | No
 
 def probe_media(path: Path, kind: Kind, settings: Settings | None = None, *,
                 timeout: float = PROBE_TIMEOUT_SEC, label: str | None = None) -> MediaInfo:
-    """Probe ``path`` with ffprobe and check it is a usable ``kind`` input.
-
-    ffprobe is run directly (ffmpeg-python's ``probe`` has no timeout): ``-protocol_whitelist file``
-    keeps playlist formats from reaching the network, ``-format_whitelist`` (:data:`ALLOWED_DEMUXERS`)
-    keeps them from reading local files, the ``file:`` prefix keeps a name starting with ``-`` from
-    being read as an option, and a hung probe is killed after ``timeout``. Later decodes of the file
-    need no whitelist of their own: they only ever see files this probe accepted.
-    """
+    """Probe ``path`` (:func:`musetalk_engine.probe.ffprobe`: timeout, demuxer whitelist) and check it
+    is a usable ``kind`` input."""
     settings = settings or get_settings()
     label = label or _label(kind)
-    args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file",
-            "-format_whitelist", ",".join(ALLOWED_DEMUXERS), "-show_format", "-show_streams",
-            "-of", "json", f"file:{Path(path).resolve()}"]
     try:
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise MediaError(f"{label} could not be read within {timeout:g} s", stage="validation") from None
-    except FileNotFoundError as exc:
-        raise ProcessingError("ffprobe is not installed on this worker", stage="validation",
-                              retryable=False) from exc
-    if proc.returncode != 0:
-        reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        refused = [line for line in reason if "not on whitelist" in line]
-        if refused:  # "[hls @ 0x…] Format not on whitelist '…'"
-            fmt = refused[0].partition("[")[2].partition(" @")[0] or "unknown"
-            raise MediaError(f"{label} is a playlist or a container format that is not accepted ({fmt}); "
+        data = ffprobe(path, timeout=timeout)
+    except ProbeFailed as exc:
+        if exc.timed_out:
+            raise MediaError(f"{label} could not be read within {timeout:g} s", stage="validation") from None
+        if exc.refused:
+            raise MediaError(f"{label} is a playlist or a container format that is not accepted ({exc.refused}); "
                              "send a single media file such as MP4, MOV, WebM, WAV or MP3",
-                             stage="validation", details={"format": fmt})
+                             stage="validation", details={"format": exc.refused}) from None
         raise MediaError(f"{label} is not a readable {kind} file", stage="validation",
-                         details={"reason": reason[-1][:300] if reason else f"exit {proc.returncode}"})
-    try:
-        data = json.loads(proc.stdout or b"{}")
-    except ValueError:
-        raise MediaError(f"{label} is not a readable {kind} file", stage="validation") from None
+                         details={"reason": exc.reason}) from None
     info = parse_probe(data, kind)
     check_media(info, kind, settings, label)
     return info

@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import threading
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +32,7 @@ from pydantic import SecretStr
 
 from musetalk_engine import MODEL_VERSION
 from musetalk_engine.errors import MediaError, ProcessingError
+from musetalk_engine.files import atomic_write
 from tasks.settings import Settings, get_settings, redact, secret_values
 
 log = logging.getLogger(__name__)
@@ -288,17 +287,6 @@ class B2Storage:
 
 
 # --------------------------------------------------------------------------------------------- local
-
-
-def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a unique temp name beside ``dest``, then rename it into place: readers (and other
-    workers sharing the directory) never see half a file, and two writers never share a temp file."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class LocalStorage:

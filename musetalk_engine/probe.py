@@ -1,0 +1,87 @@
+"""ffprobe, run one way for every caller, and the media facts read from its answer.
+
+One wrapper because a probe is where a hostile file first meets the worker: ``-protocol_whitelist file``
+keeps playlist formats off the network, ``-format_whitelist`` (:data:`ALLOWED_DEMUXERS`) keeps them from
+reading *other local files*, the ``file:`` prefix keeps a name starting with ``-`` from being read as an
+option, and a hung probe is killed after its timeout. Later decodes of a file need no whitelist of their
+own: they only ever see files a probe accepted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .errors import ProcessingError
+
+PROBE_TIMEOUT_SEC = 30.0
+
+# ffprobe format/codec names of single still images (a still avatar). A codec alone is not enough for an
+# input (an animated GIF or an MJPEG clip is video): the caller also checks the format or frame count.
+IMAGE_FORMATS = frozenset({"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe"})
+IMAGE_CODECS = frozenset({"png", "mjpeg", "webp", "bmp", "tiff", "gif", "jpegls"})
+
+# Demuxers ffprobe may use on a customer's file (names as ffmpeg spells them; a demuxer with several
+# names, like "mov,mp4,m4a,3gp,3g2,mj2", matches on any one). Everything that can open *other*
+# resources is left out on purpose: hls, dash, concat, imf, ffmetadata, sdp/rtp/rtsp, … — a playlist
+# that names local files (``/app/results/other-job.mp4``) would otherwise be read, and
+# ``-protocol_whitelist file`` allows exactly that. A download's text sniff does not stop them alone:
+# one control byte makes a playlist look binary.
+ALLOWED_DEMUXERS = (
+    "mov", "matroska", "avi", "flv", "mpegts", "mpeg", "asf", "ogg", "mxf", "nut", "dv", "ivf",
+    "h264", "hevc", "m4v", "mjpeg", "yuv4mpegpipe", "gif",
+    "wav", "w64", "aiff", "mp3", "aac", "flac", "amr", "caf", "ac3", "eac3", "dts", "wv", "ape", "tta",
+    "au", "voc",
+    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
+)
+
+
+class ProbeFailed(Exception):
+    """ffprobe could not read the file: ``reason`` (its last error line), the demuxer the whitelist
+    ``refused`` (a playlist, say), or ``timed_out``. Callers turn it into their own MediaError."""
+
+    def __init__(self, reason: str, *, refused: str | None = None, timed_out: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused
+        self.timed_out = timed_out
+
+
+def ffprobe(path: str | Path, *, timeout: float = PROBE_TIMEOUT_SEC) -> dict[str, Any]:
+    """ffprobe's JSON (``-show_format -show_streams``) for ``path``; :class:`ProbeFailed` when it cannot
+    read it, a non-retryable ProcessingError when ffprobe is not installed."""
+    args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file",
+            "-format_whitelist", ",".join(ALLOWED_DEMUXERS), "-show_format", "-show_streams",
+            "-of", "json", f"file:{Path(path).resolve()}"]
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ProbeFailed(f"not readable within {timeout:g} s", timed_out=True) from None
+    except FileNotFoundError as exc:
+        raise ProcessingError("ffprobe is not installed on this worker", stage="validation",
+                              retryable=False) from exc
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        refused = [line for line in lines if "not on whitelist" in line]
+        if refused:  # "[hls @ 0x…] Format not on whitelist '…'"
+            fmt = refused[0].partition("[")[2].partition(" @")[0] or "unknown"
+            raise ProbeFailed(refused[0][:300], refused=fmt)
+        raise ProbeFailed(lines[-1][:300] if lines else f"exit {proc.returncode}")
+    try:
+        return json.loads(proc.stdout or b"{}")
+    except ValueError:
+        raise ProbeFailed("ffprobe's answer is not JSON") from None
+
+
+def display_rotation(stream: dict) -> int:
+    """Display rotation in degrees (0/90/180/270) of an ffprobe stream: the display matrix's side data,
+    else the legacy ``rotate`` tag; 0 when neither holds a number."""
+    value = (stream.get("tags") or {}).get("rotate")
+    for side in stream.get("side_data_list") or []:
+        if "rotation" in side:
+            value = side["rotation"]
+    try:
+        return int(round(float(value))) % 360
+    except (TypeError, ValueError):
+        return 0
