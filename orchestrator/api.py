@@ -22,7 +22,9 @@ from prefect.client.schemas.objects import StateType
 from deployments.openapi_docs import install_offline_docs
 from orchestrator import leases
 from orchestrator.cancel import NotCancellable, cancel_job
-from orchestrator.jobs import TERMINAL, WORKER_LABEL, find_job_run, job_view, key_scope, tag_value
+from orchestrator.jobs import (
+    TERMINAL, WORKER_LABEL, find_job_run, job_id_of, job_view, key_scope, status_of, tag_value,
+)
 from orchestrator.listing import BadCursor, list_job_runs
 from orchestrator.progress_artifacts import write_progress
 from orchestrator.estimate import Estimate, EstimateRequest, NoMeasuredClass, estimate_job
@@ -131,8 +133,8 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
         except RouteError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from None
         run = submitted.run
-        view = await job_view(prefect(request), run)
-        answer = {"id": view["id"], "status": view["status"], "created_at": view["created_at"]}
+        answer = {"id": job_id_of(run), "status": status_of(run),
+                  "created_at": run.created.isoformat() if run.created else None}
         return JSONResponse(answer, status_code=202 if submitted.created else 200)
 
     async def scoped_run(request: Request, job_id: str, scope: str):

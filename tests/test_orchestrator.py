@@ -369,3 +369,31 @@ def test_salad_route_submits_follows_and_records_the_generate_body(api, monkeypa
         fake.close()
     assert view["output_url"] == f"https://cdn.example/{job_id}.mp4" and view["route"] == f"salad:{RTX_4090}"
     assert seen == [{"musetalk_job_id": job_id, **JOB, "resolution": "720p", "params": {}}]
+
+
+def test_a_lost_claim_answer_is_requeued_while_its_worker_stays_idle(prefect_api, tmp_path):
+    """The server completed a claim whose answer the worker never got (its request timed out): the worker
+    goes on heartbeating idle, so after a whole window of that the job goes back to the queue."""
+    with TestClient(make_app(tmp_path, musetalk_worker_offline_sec=SHORT_OFFLINE_SEC)) as api:
+        drain(api)
+        job_id = submit(api, route="buffer")
+        beat(api, "forgetful")
+        job = claim(api, "forgetful")
+        assert job["musetalk_job_id"] == job_id
+        deadline = time.monotonic() + SHORT_OFFLINE_SEC + 30
+        while api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] != "queued":
+            assert time.monotonic() < deadline, "the orphaned claim was never requeued"
+            beat(api, "forgetful")  # alive and idle: it does not know it holds the job
+            time.sleep(0.5)
+        late = api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
+                        json={"status": "succeeded", "output_url": "https://out/x.mp4"})
+        assert late.status_code == 409
+        # a busy worker is never judged that way: it renders what it claimed
+        job = claim(api, "forgetful")
+        until = time.monotonic() + SHORT_OFFLINE_SEC + 3
+        while time.monotonic() < until:
+            beat(api, "forgetful", status="busy")
+            time.sleep(0.5)
+        assert api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] == "running"
+        assert api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
+                        json={"status": "succeeded", "output_url": "https://out/x.mp4"}).status_code == 200
