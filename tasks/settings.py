@@ -33,7 +33,6 @@ from typing import Callable, Iterable, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from musetalk_engine.device import DEVICE_PATTERN
 from musetalk_engine.gpu_lock import DEFAULT_LOCK_DIR
 
 REDACTED = "***"
@@ -144,7 +143,7 @@ class Settings(BaseSettings):
     musetalk_landmarks: str = "auto"
     # auto | cpu | cuda | cuda:N. The image sets cuda: a worker whose GPU is missing then fails to load
     # (``/hc`` stays 503 with the reason) instead of rendering on the CPU
-    musetalk_device: str = Field("auto", pattern=DEVICE_PATTERN)
+    musetalk_device: str = "auto"
     # Where the per-GPU locks live (one file per GPU UUID): every process rendering on this machine's GPUs
     # must see the same directory (mount it into each container), so two never render on one GPU at once.
     musetalk_gpu_lock_dir: Path = DEFAULT_LOCK_DIR
@@ -157,6 +156,21 @@ class Settings(BaseSettings):
     # Fan-out: how long a child share may stay unclaimed before the parent batch renders it itself (a
     # worker polls every ~10-15 s; longer means no worker is free to take it).
     musetalk_fanout_pickup_sec: float = Field(60.0, ge=0)
+
+    @field_validator("musetalk_device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        # imported here: musetalk_engine.device imports torch (3 s), which every CLI start, even one that
+        # only reports a missing file, would otherwise pay; the default needs no check
+        if value == "auto":
+            return value
+        import re
+
+        from musetalk_engine.device import DEVICE_PATTERN
+
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError(f"MUSETALK_DEVICE {value!r}: use auto, cpu, cuda or cuda:N")
+        return value
 
     @field_validator("musetalk_private_url_allowlist")
     @classmethod

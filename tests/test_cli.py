@@ -66,6 +66,15 @@ def test_missing_input_file_fails_at_once(media, tmp_path, home):
     assert_one_line_error(proc, seconds, "--video", "nope.mp4", "no such file")
 
 
+def test_a_wrong_path_costs_no_heavy_import(tmp_path):
+    """Path mistakes are found before torch or Prefect is even imported (each costs seconds)."""
+    code = ("import sys; from deployments.cli import main; "
+            "rc = main(['generate', '--video', 'missing.mp4', '--audio', 'a.wav', '--out', 'o.mp4']); "
+            "print(rc, sorted(m for m in ('torch', 'prefect') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+
+
 def test_audio_passed_as_video_is_named(media, tmp_path, home):
     proc, seconds = run_cli("generate", "--video", str(media.speech), "--audio", str(media.speech),
                             "--out", str(tmp_path / "o.mp4"), env=home)
