@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from benchmarks.flow import benchmark, queue_for
+from flows.benchmark import benchmark, queue_for
 from benchmarks.run import floor_command
 from benchmarks.schema import BenchmarkResult, json_schema
 from tasks.salad import SaladClient
@@ -204,7 +204,7 @@ def test_flow_fans_out_one_deployment_run_per_class(cli_run, targets_copy, tmp_p
         scale = 0.01 if parameters["class_id"] == ID_4090 else 0.02
         return _FakeRun({"results": [_result_as(measured, "gpu", 24564, scale)], "failed": {}, "table": []})
 
-    monkeypatch.setattr("benchmarks.flow.run_deployment", fake_run_deployment)
+    monkeypatch.setattr("flows.benchmark.run_deployment", fake_run_deployment)
     out = benchmark(classes=[ID_4090, ID_3090, ID_4080], via="deployment", profile="tiny",
                     targets_path=str(targets_copy), prices_path=str(REPO / "salad_prices.json"),
                     chart_path=str(tmp_path / "chart.png"), deployment_name="benchmark/gpu-benchmark",
@@ -246,7 +246,7 @@ def test_flow_salad_path_queues_one_job_per_class(cli_run, targets_copy, tmp_pat
         return SaladClient("test-key", "org", "proj", base_url="http://salad.test",
                            transport=httpx.MockTransport(handler))
 
-    monkeypatch.setattr("benchmarks.flow.salad_client_from_env", fake_client)
+    monkeypatch.setattr("flows.benchmark.salad_client_from_env", fake_client)
     out = benchmark(classes=[ID_4090], via="salad", salad_queues={ID_4090: "bench-4090"}, profile="tiny",
                     targets_path=str(targets_copy), prices_path=str(REPO / "salad_prices.json"),
                     chart_path=None, **SMALL)

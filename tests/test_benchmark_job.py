@@ -12,12 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from benchmarks.flow import _single_result
+from flows.benchmark import _single_result
 from deployments.benchmark_job import benchmark_config, run_benchmark_job, run_in_child
 from musetalk_engine.errors import MediaError
 from tasks.settings import Settings
 
-# What the flow sends (benchmarks/flow.py: the child parameters), made small enough for a CPU test.
+# What the flow sends (flows/benchmark.py: the child parameters), made small enough for a CPU test.
 FLOW_REQUEST = {"profile": "tiny", "batch_sizes": [2], "modes": [], "audio_seconds": 0.4, "video_seconds": 0.4,
                 "width": 160, "height": 128, "device": "auto", "torch_threads": None, "repeats": 1,
                 "models_dir": None, "work_dir": None, "gpu_class": "RTX 4090 (24 GB)", "class_id": "ed563892",
