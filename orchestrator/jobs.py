@@ -25,7 +25,6 @@ from orchestrator.progress_artifacts import read_progress
 from orchestrator.results import read_outcome
 
 JOB_TAG = "musetalk-job"
-FLOW_NAME = "generate"
 # Labels on a run (Prefect key-value labels; merged on update).
 WORKER_LABEL = "musetalk.worker"
 LEASE_LABEL = "musetalk.lease"
@@ -45,7 +44,6 @@ STATES_OF_STATUS: dict[str, list[StateType]] = {}
 for _state, _status in STATUS_OF_STATE.items():
     STATES_OF_STATUS.setdefault(_status, []).append(_state)
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

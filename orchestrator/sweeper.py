@@ -19,7 +19,6 @@ from datetime import timedelta
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
-from prefect.client.schemas.objects import StateType
 
 from orchestrator.jobs import JOB_TAG, TERMINAL, WORKER_LABEL, job_id_of, job_view
 from orchestrator.leases import active_buffer_runs
