@@ -170,6 +170,8 @@ class LoadResult:
     claim_max_ms: float
     empty_claims: int
     empty_p50_ms: float
+    server_errors: int = 0  # 5xx/dropped answers to submits and reports, retried
+    claim_errors: int = 0  # 5xx/dropped answers to claims (the worker polled again)
     duplicates: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     not_succeeded: dict[str, str] = field(default_factory=dict)
@@ -191,8 +193,30 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def submit_jobs(base: str, n: int, concurrency: int = 8) -> list[str]:
+RETRIES = 5
+
+
+def _with_retries(send, counters: dict[str, int]) -> httpx.Response:
+    """What a client does with a safe request (a submit under its Idempotency-Key, a lease's repeated
+    final report): retry a 5xx or a dropped connection with backoff. Each retry is counted."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            r = send()
+        except httpx.TransportError:
+            if attempt == RETRIES:
+                raise
+        else:
+            if r.status_code < 500 or attempt == RETRIES:
+                return r
+        counters["server_errors"] = counters.get("server_errors", 0) + 1
+        time.sleep(0.5 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def submit_jobs(base: str, n: int, concurrency: int = 8,
+                counters: Optional[dict[str, int]] = None) -> list[str]:
     """``n`` buffer jobs through the public API; their ids."""
+    counters = {} if counters is None else counters
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     def one(i: int) -> str:
@@ -200,7 +224,8 @@ def submit_jobs(base: str, n: int, concurrency: int = 8) -> list[str]:
         body = {"musetalk_job_id": job_id, "video_url": "http://127.0.0.1:9/avatar.mp4",
                 "audio_url": "http://127.0.0.1:9/speech.wav", "route": "buffer"}
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
-            r = http.post(f"{base}/v1/avatar/jobs", json=body, headers={**headers, "Idempotency-Key": job_id})
+            r = _with_retries(lambda: http.post(f"{base}/v1/avatar/jobs", json=body,
+                                                headers={**headers, "Idempotency-Key": job_id}), counters)
         if r.status_code not in (200, 202):
             raise RuntimeError(f"submit {job_id}: HTTP {r.status_code} {r.text[:300]}")
         return r.json()["id"]
@@ -209,9 +234,10 @@ def submit_jobs(base: str, n: int, concurrency: int = 8) -> list[str]:
         return list(pool.map(one, range(n)))
 
 
-def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float,
-                 timeout_s: float) -> tuple[list[Claimed], list[float], list[float], float]:
+def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout_s: float,
+                 counters: Optional[dict[str, int]] = None) -> tuple[list[Claimed], list[float], list[float], float]:
     """``claimers`` workers claiming until ``n_jobs`` are done; (claims, claim ms, empty-claim ms, seconds)."""
+    counters = {} if counters is None else counters
     headers = {"X-Internal-API-Key": INTERNAL_KEY}
     claimed: list[Claimed] = []
     latencies: list[float] = []
@@ -223,8 +249,9 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float,
     deadline = time.monotonic() + timeout_s
 
     def heartbeat(http: httpx.Client, worker_id: str, status: str) -> None:
-        r = http.post(f"{base}/internal/buffer/workers/{worker_id}/heartbeat", headers=headers,
-                      json={"status": status, "gpu_class": "fake", "capacity": 1, "error": None})
+        r = _with_retries(lambda: http.post(f"{base}/internal/buffer/workers/{worker_id}/heartbeat",
+                                            headers=headers, json={"status": status, "gpu_class": "fake",
+                                                                   "capacity": 1, "error": None}), counters)
         r.raise_for_status()
 
     def worker(index: int) -> None:
@@ -240,9 +267,17 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float,
                         heartbeat(http, worker_id, "idle")
                         last_beat = time.monotonic()
                     t0 = time.perf_counter()
-                    r = http.post(f"{base}/internal/buffer/jobs/claim", headers=headers,
-                                  json={"worker_id": worker_id})
+                    try:
+                        r = http.post(f"{base}/internal/buffer/jobs/claim", headers=headers,
+                                      json={"worker_id": worker_id})
+                    except httpx.TransportError:
+                        r = None
                     ms = (time.perf_counter() - t0) * 1000
+                    if r is None or r.status_code >= 500:  # a buffer worker logs it and polls again
+                        with lock:
+                            counters["claim_errors"] = counters.get("claim_errors", 0) + 1
+                        time.sleep(0.5)
+                        continue
                     r.raise_for_status()
                     job = r.json().get("job")
                     if job is None:
@@ -259,9 +294,11 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float,
                     if render_s:
                         time.sleep(render_s)
                     url = f"https://cdn.example/avatar/outputs/{job['musetalk_job_id']}.mp4"
-                    r = http.post(f"{base}/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=headers,
-                                  json={"status": "succeeded", "output_url": url, "worker_id": worker_id,
-                                        "metrics": {"GENERATION_TIME_SEC": render_s}})
+                    report = {"status": "succeeded", "output_url": url, "worker_id": worker_id,
+                              "metrics": {"GENERATION_TIME_SEC": render_s}}
+                    r = _with_retries(lambda: http.post(  # noqa: B023 - called at once, in this iteration
+                        f"{base}/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=headers,
+                        json=report), counters)
                     if r.status_code != 200:
                         raise RuntimeError(f"status report for {job['musetalk_job_id']}: HTTP {r.status_code} "
                                            f"{r.text[:300]}")
@@ -315,11 +352,12 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
             url = pg.url
         try:
             with control_plane(url, work, orchestrator_cmd) as base:
+                counters: dict[str, int] = {}
                 t0 = time.perf_counter()
-                ids = submit_jobs(base, jobs)
+                ids = submit_jobs(base, jobs, counters=counters)
                 submit_s = time.perf_counter() - t0
                 log.info("%s: %d jobs submitted in %.1f s", database, jobs, submit_s)
-                claimed, lat, empty, elapsed = run_claimers(base, jobs, claimers, render_s, timeout_s)
+                claimed, lat, empty, elapsed = run_claimers(base, jobs, claimers, render_s, timeout_s, counters)
                 seen: dict[str, int] = {}
                 for c in claimed:
                     seen[c.job_id] = seen.get(c.job_id, 0) + 1
@@ -333,6 +371,7 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
         claim_p50_ms=round(_pct(lat, 0.50), 1), claim_p99_ms=round(_pct(lat, 0.99), 1),
         claim_max_ms=round(max(lat, default=0.0), 1), empty_claims=len(empty),
         empty_p50_ms=round(statistics.median(empty), 1) if empty else 0.0,
+        server_errors=counters.get("server_errors", 0), claim_errors=counters.get("claim_errors", 0),
         duplicates=sorted(j for j, n in seen.items() if n > 1),
         lost=sorted(set(ids) - set(seen)),
         not_succeeded={j: s for j, s in statuses.items() if s != "succeeded"},
