@@ -9,7 +9,8 @@ early shows as stale or torn frames: the input must not change by one level); a 
 (the caching allocator's own, asked for more than the GPU has) that the render survives at half the batch;
 ``cuda:1`` when
 a second GPU is there. Then throughput per batch size (model only: UNet + VAE decode) on full-size random
-weights (``--throughput-models`` to use others). Each check has a deadline share of ``--budget-s``
+weights (``--throughput-models`` to use others), and, when the budget allows, ``compiled`` mode warmed on
+one thread and rendering on another, as the worker does. Each check has a deadline share of ``--budget-s``
 (470 s: the whole run fits 8 minutes on an H100); what the budget cannot fit is reported as skipped.
 
 On a machine without CUDA the same command runs a reduced form: the device render path on CPU tensors vs
@@ -346,6 +347,38 @@ def run_gpu_check(*, device: str = "auto", work_dir: Path, budget_s: float = DEF
         return {**out, "ok": best > 0, "best_fps": best}
 
     checks.run("throughput_per_batch_size", throughput, needs_s=60 if cuda else 10)
+
+    # -- compiled mode, warmed on one thread and rendering on another (as the worker does) --------------
+    def compiled_on_the_render_thread() -> dict[str, Any]:
+        import threading
+
+        engine = Engine(EngineConfig(models_dir=tiny, device=str(dev), dtype="float16", accel="compiled",
+                                     batch_size=8, landmarks="dwpose-onnx", cache_dir=work_dir / "cache-compiled"))
+        t = time.perf_counter()
+        engine.warmup()  # this thread: compiles
+        compile_s = time.perf_counter() - t
+        lat, aud = inputs(8, 7)
+        reference = FaceGenerator(engine.unet, engine.vae, dev, torch.float16, "eager").generate(lat, aud).cpu()
+        box: dict[str, Any] = {}
+
+        def render_thread() -> None:
+            try:
+                engine.render(video, speech, work_dir / "compiled.mp4")  # warms again on this thread first
+                faces = engine.generator.generate(lat, aud, batch_size=8).cpu()
+                box["vs_eager"] = levels(faces, reference)
+            except Exception as exc:  # noqa: BLE001 — reported as the check's failure
+                box["error"] = f"{type(exc).__name__}: {exc}"[:400]
+
+        th = threading.Thread(target=render_thread, name="render")
+        th.start()
+        th.join()
+        ok = "error" not in box and engine.generator.mode == "compiled" and box["vs_eager"]["max"] <= GRAPHS_FP16_LEVELS
+        return {"ok": ok, "compile_s": round(compile_s, 1), "mode_after": engine.generator.mode, **box}
+
+    if cuda:
+        checks.run("compiled_warm_up_and_render_threads", compiled_on_the_render_thread, needs_s=150)
+    else:
+        checks.skip("compiled_warm_up_and_render_threads", "needs CUDA (CUDA-graph trees are what is per thread)")
 
     problems = [name for name, r in checks.results.items() if r["status"] == "fail"]
     return {"verdict": "fail" if problems else "pass", "problems": problems,

@@ -103,6 +103,8 @@ class SweepEntry(_Strict):
     model_fps: float = Field(default=0.0, ge=0)
     real_time_factor: float = Field(default=0.0, ge=0)
     warm_wall_over_generation: float = Field(default=0.0, ge=0)
+    job_overhead_s: Optional[float] = Field(
+        default=None, ge=0, description="a warm one-frame job's wall time outside the model (benchmarks/run.py)")
     stage_times: StageTimes = Field(default_factory=StageTimes)
     peak_vram_mib: Optional[float] = Field(default=None, ge=0, description="torch max allocated")
     peak_vram_nvml_mib: Optional[float] = Field(default=None, ge=0, description="NVML device used")
@@ -153,6 +155,7 @@ class SweepEntry(_Strict):
         floor_s: float,
         stage_times: Optional[dict[str, float]] = None,
         warm_wall_s: Optional[float] = None,
+        job_overhead_s: Optional[float] = None,
         peak_vram_mib: Optional[float] = None,
         peak_vram_nvml_mib: Optional[float] = None,
         peak_rss_kb: Optional[int] = None,
@@ -168,6 +171,7 @@ class SweepEntry(_Strict):
             model_only_s=model_only_s,
             floor_s=floor_s,
             warm_wall_over_generation=(warm_wall_s or end_to_end_s) / output_seconds,
+            job_overhead_s=None if job_overhead_s is None else round(job_overhead_s, 4),
             stage_times=StageTimes(**(stage_times or {})),
             peak_vram_mib=peak_vram_mib,
             peak_vram_nvml_mib=peak_vram_nvml_mib,

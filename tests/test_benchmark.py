@@ -87,6 +87,8 @@ def _check_entry(entry: dict[str, Any], frames: int) -> None:
     expected = entry["end_to_end_s"] / (entry["floor_s"] + entry["model_only_s"])
     assert entry["overhead_ratio"] == pytest.approx(expected, rel=1e-6)
     assert entry["fps"] == pytest.approx(frames / entry["end_to_end_s"], rel=1e-6)
+    # a warm one-frame job's cost outside the model: something, and well under the whole render's
+    assert 0 < entry["job_overhead_s"] < entry["end_to_end_s"] + entry["floor_s"]
     stages = entry["stage_times"]
     assert stages["unet"] > 0 and stages["vae_decode"] > 0 and stages["encode"] > 0
 

@@ -25,7 +25,8 @@ def test_the_self_check_passes_in_its_cpu_form(tiny_models, tmp_path):
     assert checks["device_path_vs_cpu_path_on_cpu"]["status"] == "pass"
     assert checks["device_path_vs_cpu_path_on_cpu"]["vs_cpu_render"]["max"] <= 2
     assert checks["slow_encoder_same_frames"]["vs_plain_device_render"]["max"] == 0
-    for name in ("graphs_vs_eager_fp32", "slow_gpu_same_frames", "real_oom_halves_the_batch", "graphs_on_cuda1"):
+    for name in ("graphs_vs_eager_fp32", "slow_gpu_same_frames", "real_oom_halves_the_batch", "graphs_on_cuda1",
+                 "compiled_warm_up_and_render_threads"):
         assert checks[name]["status"] == "skipped" and "CUDA" in checks[name]["reason"]
     assert checks["throughput_per_batch_size"]["eager_b1"]["fps"] > 0
     assert len(said) == len(checks)

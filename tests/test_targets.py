@@ -304,3 +304,7 @@ def test_summary_records_the_fixed_per_job_overhead() -> None:
                                          end_to_end_s=5.0, model_only_s=2.5, floor_s=2.0, warm_wall_s=7.5)
     result = result.model_copy(update={"sweep": [entry]})
     assert benchmark_summary(result, None)["job_overhead_s"] == pytest.approx(2.5)
+    # measured by the benchmark (a one-frame job less its model time): that number wins
+    measured = entry.model_copy(update={"job_overhead_s": 0.12})
+    result = result.model_copy(update={"sweep": [measured]})
+    assert benchmark_summary(result, None)["job_overhead_s"] == pytest.approx(0.12)
