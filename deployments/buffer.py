@@ -26,6 +26,8 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Protocol
 
+from tenacity import RetryCallState, RetryError, Retrying, stop_after_attempt
+
 from tasks.contract import processing_failure
 from tasks.progress import OrchestratorClient
 from tasks.settings import Settings, redact
@@ -47,6 +49,10 @@ def backoff_delay(base: float, failures: int, cap: float) -> float:
     if failures <= 0:
         return base
     return min(base * 2 ** min(failures, 30), max(base, cap))
+
+
+class _ShuttingDown(Exception):
+    """The worker stopped while a report waited for its next attempt."""
 
 
 class TicketLike(Protocol):
@@ -241,14 +247,21 @@ class BufferLoop:
             kwargs = {"status": "failed", "error": error,
                       "metrics": {"stage_times": body.get("stage_times", {})}}
         base = min(self.interval, 1.0)
-        for attempt in range(1, REPORT_ATTEMPTS + 1):
-            try:
-                self.client.report(buffer_job_id, **kwargs)
-                log.info("buffer job %s reported %s", buffer_job_id, kwargs["status"])
-                return True
-            except Exception as exc:  # noqa: BLE001
-                self._note(f"report of buffer job {buffer_job_id} failed (attempt {attempt})", exc)
-                if attempt < REPORT_ATTEMPTS and self._stop_all.wait(backoff_delay(base, attempt - 1, 30.0)):
-                    break
-        log.error("buffer job %s: outcome %s could not be reported", buffer_job_id, kwargs["status"])
-        return False
+
+        def note(state: RetryCallState) -> None:
+            self._note(f"report of buffer job {buffer_job_id} failed (attempt {state.attempt_number})",
+                       state.outcome.exception())
+
+        def pause(seconds: float) -> None:  # a shutdown ends the waiting, and the retries with it
+            if self._stop_all.wait(seconds):
+                raise _ShuttingDown
+
+        try:
+            Retrying(stop=stop_after_attempt(REPORT_ATTEMPTS), after=note, sleep=pause,
+                     wait=lambda state: backoff_delay(base, state.attempt_number - 1, 30.0))(
+                self.client.report, buffer_job_id, **kwargs)
+        except (RetryError, _ShuttingDown):
+            log.error("buffer job %s: outcome %s could not be reported", buffer_job_id, kwargs["status"])
+            return False
+        log.info("buffer job %s reported %s", buffer_job_id, kwargs["status"])
+        return True

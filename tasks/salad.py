@@ -4,7 +4,7 @@ Every call carries the `Salad-Api-Key` header; the key is a `SecretStr` and neve
 exceptions, task parameters or results. Tasks build their client from the environment
 (`salad_client_from_env`), so no secret is ever a Prefect parameter.
 
-Retries: GET/PATCH/DELETE/start/stop are idempotent and are retried (bounded, with backoff that honours
+Retries (tenacity): GET/PATCH/DELETE/start/stop are idempotent and are retried (bounded, with backoff that honours
 `Retry-After`) on 429, 5xx and connection errors. Job creation is retried only on 429 and on failures to
 connect, where the server cannot have created the job; a 5xx there is raised, not repeated, so a job is
 never queued twice. Creating a queue or a container group follows the same rule.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import quote
 
@@ -23,6 +22,7 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
 from tasks.settings import redact
 
@@ -55,6 +55,15 @@ class SaladApiError(RuntimeError):
     @property
     def retryable(self) -> bool:
         return self.status_code is None or self.status_code in _RETRY_STATUSES
+
+
+class _Again(Exception):
+    """A failure worth another attempt; ``error`` is what the caller gets when none is left."""
+
+    def __init__(self, error: SaladApiError, response: Optional[httpx.Response]):
+        super().__init__(str(error))
+        self.error = error
+        self.response = response
 
 
 class SaladClient:
@@ -212,17 +221,16 @@ class SaladClient:
     ) -> Any:
         content = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": content_type} if content is not None else None
-        for attempt in range(1, self.max_attempts + 1):
-            last = attempt == self.max_attempts
+
+        def once() -> Any:
             try:
                 resp = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
+                # a request that never reached Salad is safe to repeat even when it is not idempotent
                 may_retry = idempotent or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-                log.warning("Salad API %s %s: %s (attempt %d)", method, path, type(exc).__name__, attempt)
-                if last or not may_retry:
-                    raise SaladApiError(method, path, None, type(exc).__name__) from None
-                time.sleep(self._delay(attempt, None))
-                continue
+                log.warning("Salad API %s %s: %s", method, path, type(exc).__name__)
+                error = SaladApiError(method, path, None, type(exc).__name__)
+                raise (_Again(error, None) if may_retry else error) from None
             if resp.is_success:
                 log.info("Salad API %s %s -> %d", method, path, resp.status_code)
                 if not resp.content:
@@ -232,12 +240,19 @@ class SaladClient:
                 except ValueError:
                     return {"raw": resp.text[:_EXCERPT]}
             may_retry = resp.status_code == 429 or (idempotent and resp.status_code in _RETRY_STATUSES)
-            log.warning("Salad API %s %s -> %d (attempt %d)", method, path, resp.status_code, attempt)
-            if last or not may_retry:
-                excerpt = redact(" ".join(resp.text.split()), [self._key.get_secret_value()])[:_EXCERPT]
-                raise SaladApiError(method, path, resp.status_code, excerpt)
-            time.sleep(self._delay(attempt, resp))
-        raise AssertionError("unreachable")  # pragma: no cover
+            log.warning("Salad API %s %s -> %d", method, path, resp.status_code)
+            excerpt = redact(" ".join(resp.text.split()), [self._key.get_secret_value()])[:_EXCERPT]
+            error = SaladApiError(method, path, resp.status_code, excerpt)
+            raise _Again(error, resp) if may_retry else error
+
+        def wait(state: RetryCallState) -> float:
+            return self._delay(state.attempt_number, state.outcome.exception().response)
+
+        try:
+            return Retrying(stop=stop_after_attempt(self.max_attempts), wait=wait,
+                            retry=retry_if_exception_type(_Again))(once)
+        except RetryError as exc:  # out of attempts: the last answer is the error
+            raise exc.last_attempt.exception().error from None
 
 
 def salad_client_from_env(env: Optional[Mapping[str, str]] = None, **kwargs: Any) -> SaladClient:
