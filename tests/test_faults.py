@@ -1,4 +1,6 @@
-"""Worker faults, injected into real jobs run by ``run_job`` inside ONE flow run (plus one killed subprocess).
+"""Worker faults, injected into real jobs run by ``run_job`` (a flow run per scenario, plus one killed
+subprocess). Each test runs its own scenario, with the fault it injects defined just above it; the
+world they share (environment, simulated B2, media server, orchestrators) is the module fixture ``world``.
 
 * B2 unavailable (b2sdk's RawSimulator failing every upload) and B2 hanging (uploads slower than a lowered
   ``MUSETALK_B2_UPLOAD_TIMEOUT_SEC``): bounded, retried, then 500 ``processing_error`` with
@@ -24,9 +26,11 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -42,20 +46,6 @@ APP_KEY = "K005-fault-test-app-key-7Hq2ZpW9"
 B2_TIMEOUT = 1.0
 PREFIX = "avatar/outputs"
 KILLED_ID = "killed-mid-render"
-
-
-@dataclass
-class Faults:
-    rows: dict[str, dict]
-    work: Path
-    raw: object
-    counters: dict[str, int]
-    orchestrators: dict[str, hm.FakeOrchestrator]
-    tmpfs: Path | None
-    killed: dict
-    watch: dict
-    engine_loads: int
-    wall_s: float
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -154,104 +144,46 @@ def _kill_mid_render(job: dict, work: Path, api_url: str, final: Path) -> dict:
 # ------------------------------------------------------------------------------------------ hooks
 
 
-def _register_hooks(raw, counters: dict[str, int], watch: dict, final: Path) -> None:
-    from b2sdk.v2.exception import ServiceError
-
-    from tasks.engine import get_engine
-
-    @contextmanager
-    def oom(times: int, device: bool = False):
-        engine = get_engine()
-        generator = engine.generator
-        original = generator.generate
-        left = {"n": times}
-
-        def flaky(*args, **kwargs):
-            counters["generate_calls"] = counters.get("generate_calls", 0) + 1
-            if left["n"] > 0:
-                left["n"] -= 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-            return original(*args, **kwargs)
-
-        generator.generate = flaky
-        saved_blend = engine.blend_on
-        if device:
-            engine.blend_on = "device"  # the CUDA default path, run on the CPU
-        try:
-            yield
-        finally:
-            del generator.generate
-            engine.blend_on = saved_blend
-
-    @contextmanager
-    def b2_down():
-        raw.set_upload_errors([ServiceError("503 service_unavailable") for _ in range(15)])
-        try:
-            yield
-        finally:
-            counters["b2_errors_left"] = len(raw.upload_errors)
-            raw.upload_errors = []
-
-    @contextmanager
-    def b2_slow():
-        import tasks.storage
-
-        original, deadline = raw.upload_file, tasks.storage._run_with_deadline
-
-        def hang(*args, **kwargs):
-            counters["b2_hung_calls"] = counters.get("b2_hung_calls", 0) + 1
-            time.sleep(4 * B2_TIMEOUT)
-            return original(*args, **kwargs)
-
-        def attempt(fn, timeout, what):
-            counters["b2_slow_attempts"] = counters.get("b2_slow_attempts", 0) + 1
-            return deadline(fn, timeout, what)
-
-        raw.upload_file = hang
-        tasks.storage._run_with_deadline = attempt
-        try:
-            yield
-        finally:
-            del raw.upload_file
-            tasks.storage._run_with_deadline = deadline
-
-    @contextmanager
-    def enospc_on_store():
-        import shutil
-        import types
-
-        import tasks.storage
-
-        def full(src, dst, *args, **kwargs):
-            counters["store_attempts"] = counters.get("store_attempts", 0) + 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-
-        # only tasks.storage sees the full disk (patching shutil itself would hit every caller)
-        tasks.storage.shutil = types.SimpleNamespace(**{**vars(shutil), "copyfile": full})
-        try:
-            yield
-        finally:
-            tasks.storage.shutil = shutil
-
-    @contextmanager
-    def watch_final():
-        with KeyWatcher(final) as watcher:
-            yield
-        watch["sizes"] = set(watcher.sizes)
-
-    hm.HOOKS.update({"oom_once": lambda: oom(1), "oom_twice": lambda: oom(2),
-                     "oom_once_device": lambda: oom(1, device=True), "b2_down": b2_down, "b2_slow": b2_slow,
-                     "enospc_on_store": enospc_on_store, "watch_final": watch_final})
+# ---------------------------------------------------------------------------------------- the world
 
 
-# ---------------------------------------------------------------------------------------- fixture
+@dataclass
+class World:
+    """What every scenario shares: the worker's environment (tiny models, simulated B2, a Prefect API),
+    the media server with one avatar clip and one speech track, and two misbehaving orchestrators."""
+
+    work: Path
+    raw: Any
+    b2_env: dict[str, str]
+    orchestrators: dict[str, hm.FakeOrchestrator]
+    video_url: str
+    audio_url: str
+    api_url: str
+    engine_loads_before: int
+    rows: dict[str, dict] = field(default_factory=dict)  # every scenario's outcome, for the report
+
+    def job(self, job_id: str, **params: Any) -> dict:
+        job: dict[str, Any] = {"musetalk_job_id": job_id, "video_url": self.video_url, "audio_url": self.audio_url}
+        if params:
+            job["params"] = params
+        return job
+
+    def run(self, name: str, hook: Any = None, env: dict[str, str] | None = None, job_id: str | None = None,
+            **params: Any) -> dict:
+        """One job through ``run_job`` in its own flow run; ``hook`` (a context manager) wraps it."""
+        case = {"name": name, "job": self.job(job_id or name.replace("_", "-"), **params), "env": env or {}}
+        with hook if hook is not None else nullcontext():
+            row = hm.run_jobs([case])[0]
+        self.rows[name] = row
+        return row
 
 
 @pytest.fixture(scope="module")
-def faults(tmp_path_factory, tiny_models) -> Faults:
+def world(tmp_path_factory, tiny_models) -> World:
     import tasks.storage
     from musetalk_engine.engine import Engine
     from tasks.progress import OrchestratorClient
+    from tasks.settings import get_settings
 
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("faults-work")
@@ -260,65 +192,28 @@ def faults(tmp_path_factory, tiny_models) -> Faults:
     mp = pytest.MonkeyPatch()
     hm.worker_env(mp, work, tiny_models, MUSETALK_CACHE_DIR=str(base / "shared-engine-cache"))
     raw, key_id = hm.simulated_b2(mp, BUCKET, APP_KEY)
+    # the orchestrator client gives up after 0.5 s, so a slow orchestrator shows within the test's time
     from_settings = OrchestratorClient.from_settings.__func__
     mp.setattr(OrchestratorClient, "from_settings",
                classmethod(lambda cls, settings=None, **kw: from_settings(cls, settings, **{"timeout": 0.5, **kw})))
-    counters: dict[str, int] = {}
-    watch: dict = {}
-    final = work / "results" / "job_queue" / PREFIX / f"{KILLED_ID}.mp4"
-    _register_hooks(raw, counters, watch=watch, final=final)
-    tmpfs = base / "faults-tmpfs"
-    mounted = _mount_tmpfs(tmpfs)
     b2_env = {"B2_KEY_ID": key_id, "B2_APP_KEY": APP_KEY, "B2_BUCKET_NAME": BUCKET,
               "MUSETALK_B2_UPLOAD_TIMEOUT_SEC": str(B2_TIMEOUT)}
     try:
         with hm.MediaServer() as server, hm.FakeOrchestrator("error") as failing, \
                 hm.FakeOrchestrator("slow", delay=3.0) as slow:
-            v, a = server.file("/avatar.mp4", video), server.file("/speech.wav", audio)
-
-            def case(name, hook=None, env=None, job_id=None, **params):
-                job = {"musetalk_job_id": job_id or name.replace("_", "-"), "video_url": v, "audio_url": a}
-                if params:
-                    job["params"] = params
-                return {"name": name, "job": job, "env": env or {}, "hook": hook}
-
-            api_url = start_prefect_api()
-            killed = _kill_mid_render(case("killed", job_id=KILLED_ID, batch_size=1)["job"], work, api_url, final)
-            cases = [
-                case("oom_once", "oom_once", batch_size=4),
-                case("oom_twice", "oom_twice", batch_size=4),
-                case("oom_once_device_path", "oom_once_device", batch_size=4),
-                case("orchestrator_500", env={"ORCHESTRATOR_BASE_URL": failing.url,
-                                              "INTERNAL_API_KEY": "orchestrator-key-500"}),
-                case("orchestrator_timeout", env={"ORCHESTRATOR_BASE_URL": slow.url}),
-                case("b2_unavailable", "b2_down", env=b2_env),
-                case("b2_slow", "b2_slow", env=b2_env),
-                case("b2_recovered", env=b2_env, job_id="b2-slow"),
-                case("b2_job_id_traversal", env=b2_env, job_id="../../outside/evil"),
-                case("disk_full_on_store", "enospc_on_store"),
-                case("rerun_after_kill", "watch_final", job_id=KILLED_ID),
-            ]
-            if mounted:
-                _fill(tmpfs / "filler")
-                cases.append(case("disk_full_real_tmpfs", env={"MUSETALK_WORKDIR": str(tmpfs)}))
-            cases.append(case("health"))
-            loads = Engine.loads
-            started = time.perf_counter()
-            results = hm.run_jobs(cases)
-            wall = time.perf_counter() - started
-            yield Faults(rows={r["name"]: r for r in results}, work=work, raw=raw, counters=counters,
-                         orchestrators={"error": failing, "slow": slow}, tmpfs=tmpfs if mounted else None,
-                         killed=killed, watch=watch, engine_loads=Engine.loads - loads, wall_s=wall)
+            yield World(work=work, raw=raw, b2_env=b2_env, orchestrators={"error": failing, "slow": slow},
+                        video_url=server.file("/avatar.mp4", video), audio_url=server.file("/speech.wav", audio),
+                        api_url=start_prefect_api(), engine_loads_before=Engine.loads)
     finally:
-        if mounted:
-            subprocess.run(["umount", str(tmpfs)], check=False)
-        for name in ("oom_once", "oom_twice", "oom_once_device", "b2_down", "b2_slow", "enospc_on_store",
-                     "watch_final"):
-            hm.HOOKS.pop(name, None)
         mp.undo()
         tasks.storage.clear_storage_cache()
-        from tasks.settings import get_settings
         get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def plain(world) -> dict:
+    """A job with no fault: the baseline other scenarios are measured against."""
+    return world.run("plain")
 
 
 def _ok(row: dict) -> dict:
@@ -337,75 +232,164 @@ def _failed(row: dict, status: int = 500, stage: str | None = None) -> dict:
     return body
 
 
-# ------------------------------------------------------------------------------------------- tests
+# ------------------------------------------------------------------------------------ out of memory
 
 
-def test_oom_once_halves_the_batch_and_succeeds(faults):
-    body = _ok(faults.rows["oom_once"])
+@contextmanager
+def out_of_memory(times: int, device: bool = False):
+    """The generator raises ``torch.OutOfMemoryError`` on its first ``times`` calls; ``device`` takes the
+    device-blend path (the CUDA default) on the CPU."""
+    from tasks.engine import get_engine
+
+    engine = get_engine()
+    generator = engine.generator
+    original = generator.generate
+    left = {"n": times}
+
+    def flaky(*args, **kwargs):
+        if left["n"] > 0:
+            left["n"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return original(*args, **kwargs)
+
+    generator.generate = flaky
+    saved_blend = engine.blend_on
+    if device:
+        engine.blend_on = "device"
+    try:
+        yield
+    finally:
+        del generator.generate
+        engine.blend_on = saved_blend
+
+
+def test_oom_once_halves_the_batch_and_succeeds(world):
+    body = _ok(world.run("oom_once", out_of_memory(1), batch_size=4))
     assert body["metrics"]["batch_size"] == 2  # asked for 4, halved once
     assert body["metrics"]["frames"] == round(hm.CLIP_SEC * 25)
 
 
-def test_oom_on_the_device_blend_path_halves_too(faults):
-    body = _ok(faults.rows["oom_once_device_path"])
+def test_oom_on_the_device_blend_path_halves_too(world):
+    body = _ok(world.run("oom_once_device_path", out_of_memory(1, device=True), batch_size=4))
     assert body["metrics"]["batch_size"] == 2
 
 
-def test_oom_twice_is_a_retryable_processing_error(faults):
-    body = _failed(faults.rows["oom_twice"], stage="inference")
+def test_oom_twice_is_a_retryable_processing_error(world):
+    body = _failed(world.run("oom_twice", out_of_memory(2), batch_size=4), stage="inference")
     assert body["retryable"] is True
     assert body["error_message"] == "ran out of CPU memory while rendering at batch size 2 (already halved once)"
     assert body["details"] == {"batch_size": 2}
 
 
-def test_orchestrator_errors_do_not_stop_the_job(faults):
-    _ok(faults.rows["orchestrator_500"])
-    posts = faults.orchestrators["error"].bodies("orchestrator-500")
+# ------------------------------------------------------------------------------------ the orchestrator
+
+
+def test_orchestrator_errors_do_not_stop_the_job(world):
+    failing = world.orchestrators["error"]
+    _ok(world.run("orchestrator_500", env={"ORCHESTRATOR_BASE_URL": failing.url,
+                                            "INTERNAL_API_KEY": "orchestrator-key-500"}))
+    posts = failing.bodies("orchestrator-500")
     assert len(posts) >= 3, posts  # it kept reporting through the 500s …
     assert posts[-1]["status"] == "succeeded" and posts[-1]["phase"] == "completed"  # … to the end
     assert [p["phase"] for p in posts].index("inferring") > 0
 
 
-def test_orchestrator_timeouts_do_not_stop_the_job(faults):
-    row = faults.rows["orchestrator_timeout"]
+def test_orchestrator_timeouts_do_not_stop_the_job(world, plain):
+    slow = world.orchestrators["slow"]
+    row = world.run("orchestrator_timeout", env={"ORCHESTRATOR_BASE_URL": slow.url})
     _ok(row)
-    assert faults.orchestrators["slow"].bodies("orchestrator-timeout")  # it was tried (and timed out)
+    assert slow.bodies("orchestrator-timeout")  # it was tried (and timed out)
     # each update gives up after 0.5 s on a background thread; the close waits at most 10 s in all
-    health = faults.rows["health"]["wall_s"]
-    assert row["wall_s"] < health + 15, (row["wall_s"], health)
+    assert row["wall_s"] < plain["wall_s"] + 15, (row["wall_s"], plain["wall_s"])
 
 
-def test_b2_unavailable_is_retried_then_500_retryable(faults):
-    body = _failed(faults.rows["b2_unavailable"], stage="upload")
+# ------------------------------------------------------------------------------------ B2
+
+
+@contextmanager
+def b2_down(raw, counters: dict[str, int]):
+    """Every upload fails with a 503 (15 of them queued); ``counters["b2_errors_left"]`` after."""
+    from b2sdk.v2.exception import ServiceError
+
+    raw.set_upload_errors([ServiceError("503 service_unavailable") for _ in range(15)])
+    try:
+        yield
+    finally:
+        counters["b2_errors_left"] = len(raw.upload_errors)
+        raw.upload_errors = []
+
+
+@contextmanager
+def b2_hanging(raw, counters: dict[str, int]):
+    """Uploads sit for 4× the upload timeout; counts the calls and the deadline-bounded attempts."""
+    import tasks.storage
+
+    original, deadline = raw.upload_file, tasks.storage._run_with_deadline
+
+    def hang(*args, **kwargs):
+        counters["b2_hung_calls"] = counters.get("b2_hung_calls", 0) + 1
+        time.sleep(4 * B2_TIMEOUT)
+        return original(*args, **kwargs)
+
+    def attempt(fn, timeout, what):
+        counters["b2_slow_attempts"] = counters.get("b2_slow_attempts", 0) + 1
+        return deadline(fn, timeout, what)
+
+    raw.upload_file = hang
+    tasks.storage._run_with_deadline = attempt
+    try:
+        yield
+    finally:
+        del raw.upload_file
+        tasks.storage._run_with_deadline = deadline
+
+
+def test_b2_unavailable_is_retried_then_500_retryable(world):
+    counters: dict[str, int] = {}
+    body = _failed(world.run("b2_unavailable", b2_down(world.raw, counters), env=world.b2_env), stage="upload")
     assert body["retryable"] is True
     assert body["error_message"].startswith(f"B2 upload of {PREFIX}/b2-unavailable.mp4 failed")
     # 3 task attempts × 5 b2sdk attempts consumed every injected 503
-    assert faults.counters["b2_errors_left"] == 0
+    assert counters["b2_errors_left"] == 0
     assert APP_KEY not in json.dumps(body)
 
 
-def test_b2_hanging_is_bounded_retried_then_500_retryable(faults):
-    row = faults.rows["b2_slow"]
+@pytest.fixture(scope="module")
+def b2_hung_job(world) -> tuple[dict, dict[str, int]]:
+    """Job ``b2-slow`` while B2 hangs (its outcome and the counters); the next test re-runs it."""
+    counters: dict[str, int] = {}
+    return world.run("b2_slow", b2_hanging(world.raw, counters), env=world.b2_env), counters
+
+
+def test_b2_hanging_is_bounded_retried_then_500_retryable(b2_hung_job):
+    row, counters = b2_hung_job
     body = _failed(row, stage="upload")
     assert body["retryable"] is True
     assert body["error_message"] == f"B2 upload of {PREFIX}/b2-slow.mp4 did not finish within {B2_TIMEOUT:g} s"
-    assert faults.counters["b2_slow_attempts"] == 3  # three task attempts, each cut off at the deadline
-    assert faults.counters["b2_hung_calls"] >= 1  # … while B2 sat on the upload
+    assert counters["b2_slow_attempts"] == 3  # three task attempts, each cut off at the deadline
+    assert counters["b2_hung_calls"] >= 1  # … while B2 sat on the upload
     assert body["stage_times"]["upload"] < 3 * B2_TIMEOUT + 5  # bounded: no hung worker
 
 
-def test_same_job_succeeds_once_b2_is_back(faults):
-    body = _ok(faults.rows["b2_recovered"])
+@pytest.fixture(scope="module")
+def b2_back_job(world, b2_hung_job) -> dict:
+    """The same job ``b2-slow`` again, B2 answering normally."""
+    return world.run("b2_recovered", env=world.b2_env, job_id="b2-slow")
+
+
+def test_same_job_succeeds_once_b2_is_back(world, b2_back_job):
+    body = _ok(b2_back_job)
     assert body["b2_bucket"] == BUCKET and body["b2_file_name"] == f"{PREFIX}/b2-slow.mp4"
-    sidecar = json.loads(hm.b2_read(faults.raw, BUCKET, f"{PREFIX}/b2-slow.json"))
+    sidecar = json.loads(hm.b2_read(world.raw, BUCKET, f"{PREFIX}/b2-slow.json"))
     assert sidecar["musetalk_job_id"] == "b2-slow" and sidecar["b2_file_name"] == f"{PREFIX}/b2-slow.mp4"
-    assert hm.b2_read(faults.raw, BUCKET, f"{PREFIX}/b2-slow.mp4")[4:8] == b"ftyp"
+    assert hm.b2_read(world.raw, BUCKET, f"{PREFIX}/b2-slow.mp4")[4:8] == b"ftyp"
 
 
-def test_hostile_job_id_never_becomes_a_b2_key(faults):
-    body = _failed(faults.rows["b2_job_id_traversal"], status=422, stage="validation")
+def test_hostile_job_id_never_becomes_a_b2_key(world, b2_back_job):  # the bucket holds a real key too
+    body = _failed(world.run("b2_job_id_traversal", env=world.b2_env, job_id="../../outside/evil"),
+                   status=422, stage="validation")
     assert body["error_message"].startswith("musetalk_job_id may only contain")
-    names = [f.name for f in faults.raw.bucket_name_to_bucket[BUCKET].file_id_to_file.values()]
+    names = [f.name for f in world.raw.bucket_name_to_bucket[BUCKET].file_id_to_file.values()]
     assert names and all(name.startswith(f"{PREFIX}/") and ".." not in name for name in names), names
 
 
@@ -426,58 +410,103 @@ def test_b2_storage_is_shared_per_configuration():
         clear_storage_cache()
 
 
-def test_disk_full_while_storing_says_so(faults):
-    body = _failed(faults.rows["disk_full_on_store"], stage="upload")
+# ------------------------------------------------------------------------------------ a full disk
+
+
+@contextmanager
+def disk_full_on_store(counters: dict[str, int]):
+    """Only tasks.storage sees a full disk (patching shutil itself would hit every caller)."""
+    import shutil
+    import types
+
+    import tasks.storage
+
+    def full(src, dst, *args, **kwargs):
+        counters["store_attempts"] = counters.get("store_attempts", 0) + 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    tasks.storage.shutil = types.SimpleNamespace(**{**vars(shutil), "copyfile": full})
+    try:
+        yield
+    finally:
+        tasks.storage.shutil = shutil
+
+
+def test_disk_full_while_storing_says_so(world):
+    counters: dict[str, int] = {}
+    body = _failed(world.run("disk_full_on_store", disk_full_on_store(counters)), stage="upload")
     assert body["retryable"] is True
     assert body["error_message"] == ("the worker's disk is full (no space left on device) during upload; "
                                      "the job can be retried on another worker")
-    assert faults.counters["store_attempts"] == 3  # retried like any storage fault, then reported
+    assert counters["store_attempts"] == 3  # retried like any storage fault, then reported
 
 
-def test_disk_full_for_real(faults):
-    if faults.tmpfs is None:
+@pytest.fixture
+def full_tmpfs(tmp_path_factory) -> Iterator[Path]:
+    """A 1 MB tmpfs filled to the brim (needs root and may mount), unmounted after the test."""
+    path = tmp_path_factory.getbasetemp() / "faults-tmpfs"
+    if not _mount_tmpfs(path):
         pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC case still runs")
-    body = _failed(faults.rows["disk_full_real_tmpfs"], stage="download")
+    try:
+        _fill(path / "filler")
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_disk_full_for_real(world, full_tmpfs):
+    body = _failed(world.run("disk_full_real_tmpfs", env={"MUSETALK_WORKDIR": str(full_tmpfs)}), stage="download")
     assert body["error_message"].startswith("the worker's disk is full (no space left on device) during download")
     assert body["retryable"] is True
     assert "No space left on device" in body["details"]["reason"]
-    assert list((faults.tmpfs / "tmp").iterdir()) == []  # its workspace was still cleaned up
+    assert list((full_tmpfs / "tmp").iterdir()) == []  # its workspace was still cleaned up
 
 
-def test_killed_worker_leaves_no_partial_result_and_rerun_overwrites(faults):
-    killed = faults.killed
+# ------------------------------------------------------------------------------------ a killed worker
+
+
+def test_killed_worker_leaves_no_partial_result_and_rerun_overwrites(world):
+    final = world.work / "results" / "job_queue" / PREFIX / f"{KILLED_ID}.mp4"
+    killed = _kill_mid_render(world.job(KILLED_ID, batch_size=1), world.work, world.api_url, final)
+    world.rows["killed"] = {"killed": killed}
     assert killed["rendering"], killed["output"]  # SIGKILL landed while the render ran
     assert killed["returncode"] == -signal.SIGKILL, killed
     assert killed["sizes_seen"] == set()  # nothing ever appeared under the final key
     assert len(killed["leftovers"]) == 1  # the dead worker's workspace, cleaned by the re-run below
 
-    body = _ok(faults.rows["rerun_after_kill"])
-    final = Path(unquote(urlsplit(body["output_url"]).path))
+    with KeyWatcher(final) as watcher:
+        body = _ok(world.run("rerun_after_kill", job_id=KILLED_ID))
+    assert Path(unquote(urlsplit(body["output_url"]).path)) == final
     assert body["b2_file_name"] == f"{PREFIX}/{KILLED_ID}.mp4"
-    assert final == faults.work / "results" / "job_queue" / PREFIX / f"{KILLED_ID}.mp4"
-    assert faults.watch["sizes"] <= {final.stat().st_size}  # only ever the whole file under the key
-    assert not list((faults.work / "tmp").glob(f"job-{KILLED_ID}-*"))  # the stale workspace is gone
+    assert set(watcher.sizes) <= {final.stat().st_size}  # only ever the whole file under the key
+    assert not list((world.work / "tmp").glob(f"job-{KILLED_ID}-*"))  # the stale workspace is gone
     outputs = sorted(p.name for p in final.parent.iterdir() if p.name.startswith(KILLED_ID))
     assert outputs == [f"{KILLED_ID}.json", f"{KILLED_ID}.mp4"]
 
 
-def test_worker_healthy_and_clean_after_every_fault(faults):
-    _ok(faults.rows["health"])
-    assert faults.engine_loads <= 1
-    assert list((faults.work / "tmp").iterdir()) == []  # no temp files, whether jobs failed or not
-    assert not list(faults.work.rglob("*.part"))
+# ------------------------------------------------------------------------------------ after them all
 
 
-def test_report_faults(faults):
+def test_worker_healthy_and_clean_after_every_fault(world):
+    from musetalk_engine.engine import Engine
+
+    _ok(world.run("health"))
+    assert Engine.loads - world.engine_loads_before <= 1
+    assert list((world.work / "tmp").iterdir()) == []  # no temp files, whether jobs failed or not
+    assert not list(world.work.rglob("*.part"))
+
+
+def test_report_faults(world):
     """Not a check: prints the observed outcomes (shown with -s)."""
     lines = [f"{'case':24} {'status':>6}  {'stage':10} {'retry':5} {'wall_s':>6}  message / metrics"]
-    for name, row in faults.rows.items():
+    for name, row in world.rows.items():
+        if "killed" in row:
+            k = row["killed"]
+            lines.append(f"killed subprocess: rendering={k['rendering']} rc={k['returncode']} in {k['seconds']} s, "
+                         f"leftovers={k['leftovers']}, sizes under final key while dying={sorted(k['sizes_seen'])}")
+            continue
         b = row["body"]
         info = b.get("error_message") or f"batch_size={b['metrics']['batch_size']} frames={b['metrics']['frames']}"
         lines.append(f"{name:24} {row['http_status']:>6}  {str(b.get('stage', '-')):10} "
                      f"{str(b.get('retryable', '-')):5} {row['wall_s']:>6}  {info}")
-    k = faults.killed
-    lines.append(f"killed subprocess: rendering={k['rendering']} rc={k['returncode']} in {k['seconds']} s, "
-                 f"leftovers={k['leftovers']}, sizes under final key while dying={sorted(k['sizes_seen'])}")
-    lines.append(f"total {faults.wall_s:.1f} s for {len(faults.rows)} jobs in one flow run")
     print("\n" + "\n".join(lines))
