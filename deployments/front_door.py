@@ -6,7 +6,8 @@ always a final 4xx carrying the contract's failure body (DESIGN §4; Salad's que
 what                                    status   why that status
 ======================================  =======  =====================================================
 body over ``MUSETALK_MAX_REQUEST_BYTES``  413    the request as a whole is too large (HTTP's own code);
-(declared or streamed; 64 KiB default)           not read past the limit
+(declared or streamed; 64 KiB default)           kept only up to the limit, dropped up to 1 MiB (so the
+                                                 client gets the answer), not read past that
 body not JSON (any encoding, nesting,     422    like every other invalid request
 huge numbers), or not a JSON object
 a field invalid or over its limit         422    the field is named: job id (safe characters, at most
@@ -41,6 +42,8 @@ JOB_PATHS = ("/generate", "/benchmark")
 # What Salad's worker sends (a UUID); kept to characters that are safe in a log line or a file name.
 QUEUE_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_MESSAGE = 1000
+# How much of an over-size body is read and dropped so that the client gets its 413 (see FrontDoor).
+DRAIN_CAP_BYTES = 1024 * 1024
 
 
 def rejected(message: str, *, status: int = 422, stage: str = "validation", job_id: str | None = None,
@@ -102,8 +105,11 @@ class FrontDoor:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         too_large = rejected(f"the request body is larger than {limit} bytes", status=413,
                              details={"limit_bytes": limit})
+        # An over-size body is still read (and dropped) up to the drain cap: a client that is still sending
+        # when the 413 goes out sees its connection reset instead of the answer (found by the fuzz test).
+        drain_cap = max(DRAIN_CAP_BYTES, 4 * limit)
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and int(declared) > drain_cap:
             await self._answer(too_large, scope, receive, send)
             return
         chunks, size = [], 0
@@ -113,12 +119,13 @@ class FrontDoor:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                await self._answer(too_large, scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
+            if size <= limit:
+                chunks.append(chunk)
+            if not message.get("more_body", False) or size > drain_cap:
                 break
+        if size > limit:
+            await self._answer(too_large, scope, receive, send)
+            return
         body = b"".join(chunks)
         outcome = self._judge(scope["path"], body, headers, settings)
         if outcome is not None:
@@ -154,6 +161,6 @@ class FrontDoor:
 
     @staticmethod
     async def _answer(outcome: JobOutcome, scope: Scope, receive: Receive, send: Send) -> None:
-        # "Connection: close": the rest of an over-size body is never read, so the connection cannot be reused
+        # "Connection: close": an over-size body may not have been read to its end
         headers = {"Connection": "close"} if outcome.http_status == 413 else None
         await JSONResponse(outcome.body, status_code=outcome.http_status, headers=headers)(scope, receive, send)
