@@ -172,6 +172,7 @@ class LoadResult:
     empty_p50_ms: float
     server_errors: int = 0  # 5xx/dropped answers to submits and reports, retried
     claim_errors: int = 0  # 5xx/dropped answers to claims (the worker polled again)
+    leases_lost: int = 0  # reports answered 409: the orchestrator had requeued the job (it ran again)
     duplicates: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     not_succeeded: dict[str, str] = field(default_factory=dict)
@@ -240,6 +241,7 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout
     counters = {} if counters is None else counters
     headers = {"X-Internal-API-Key": INTERNAL_KEY}
     claimed: list[Claimed] = []
+    succeeded: set[str] = set()
     latencies: list[float] = []
     empty: list[float] = []
     lock = threading.Lock()
@@ -254,18 +256,26 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout
                                                                    "capacity": 1, "error": None}), counters)
         r.raise_for_status()
 
+    def beat_forever(worker_id: str, holding: threading.Event) -> None:
+        """As a buffer worker does (DESIGN §5): heartbeats on their own clock, also while it holds a job or
+        waits on a slow claim, so a slow orchestrator never makes a live worker look offline."""
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
+            while not done.wait(HEARTBEAT_EVERY_S):
+                try:
+                    heartbeat(http, worker_id, "busy" if holding.is_set() else "idle")
+                except httpx.HTTPError as exc:  # logged and reported in the next beat by a real worker
+                    log.warning("heartbeat of %s failed: %s", worker_id, exc)
+
     def worker(index: int) -> None:
         worker_id = f"load-worker-{index:02d}"
+        holding = threading.Event()
         try:
             # A slow claim is a measurement (it lands in p99), not a failure: only a hung server fails the run.
             with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
                 heartbeat(http, worker_id, "idle")
-                last_beat = time.monotonic()
+                threading.Thread(target=beat_forever, args=(worker_id, holding), daemon=True).start()
                 start.wait()
                 while not done.is_set() and time.monotonic() < deadline:
-                    if time.monotonic() - last_beat > HEARTBEAT_EVERY_S:
-                        heartbeat(http, worker_id, "idle")
-                        last_beat = time.monotonic()
                     t0 = time.perf_counter()
                     try:
                         r = http.post(f"{base}/internal/buffer/jobs/claim", headers=headers,
@@ -283,11 +293,12 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout
                     if job is None:
                         with lock:
                             empty.append(ms)
-                            finished = len(claimed) >= n_jobs
+                            finished = len(succeeded) >= n_jobs
                         if finished:
                             break
                         time.sleep(0.05)  # others hold the rest, or a race emptied the candidates
                         continue
+                    holding.set()
                     with lock:
                         latencies.append(ms)
                         claimed.append(Claimed(worker_id, job["musetalk_job_id"], job["buffer_job_id"]))
@@ -299,9 +310,17 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout
                     r = _with_retries(lambda: http.post(  # noqa: B023 - called at once, in this iteration
                         f"{base}/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=headers,
                         json=report), counters)
+                    holding.clear()
+                    if r.status_code == 409:  # the lease was taken back (requeued): the job runs again
+                        with lock:
+                            counters["leases_lost"] = counters.get("leases_lost", 0) + 1
+                        log.warning("%s: lease of %s lost: %s", worker_id, job["musetalk_job_id"], r.text[:200])
+                        continue
                     if r.status_code != 200:
                         raise RuntimeError(f"status report for {job['musetalk_job_id']}: HTTP {r.status_code} "
                                            f"{r.text[:300]}")
+                    with lock:
+                        succeeded.add(job["musetalk_job_id"])
         except Exception as exc:  # noqa: BLE001 - reported with the result, and the others stop
             with lock:
                 errors.append(f"{worker_id}: {exc}")
@@ -372,6 +391,7 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
         claim_max_ms=round(max(lat, default=0.0), 1), empty_claims=len(empty),
         empty_p50_ms=round(statistics.median(empty), 1) if empty else 0.0,
         server_errors=counters.get("server_errors", 0), claim_errors=counters.get("claim_errors", 0),
+        leases_lost=counters.get("leases_lost", 0),
         duplicates=sorted(j for j, n in seen.items() if n > 1),
         lost=sorted(set(ids) - set(seen)),
         not_succeeded={j: s for j, s in statuses.items() if s != "succeeded"},
