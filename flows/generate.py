@@ -162,8 +162,13 @@ def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOut
 
 
 @flow(name="generate", log_prints=True, persist_result=True, result_serializer="json")
-def generate(job: dict[str, Any], queue_job_id: str | None = None):
-    """One lip-sync job (the `/generate` body); returns a JobOutcome, or ends Failed carrying one."""
+def generate(job: JobRequest, queue_job_id: str | None = None):
+    """One lip-sync job (the `/generate` body); returns a JobOutcome, or ends Failed carrying one.
+
+    ``job`` is typed: Prefect's UI shows the job's fields as a form and the server refuses an invalid job
+    before a run exists (callers that take bodies from customers validate first and answer 422 themselves)."""
+    if isinstance(job, JobRequest):  # back to the body as sent: run_job parses (and reports) it itself
+        job = job.model_dump(mode="json", exclude_unset=True)
     outcome = run_job(job, queue_job_id)
     if outcome.http_status != 200:
         return Failed(message=outcome.body["error_message"], data=outcome.model_dump())

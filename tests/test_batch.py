@@ -306,6 +306,10 @@ def test_batch_list_parameter_is_the_job_model():
                for opt in jobs["anyOf"]), jobs
     assert "JobRequest" in schema["definitions"]
     assert set(schema["definitions"]["JobRequest"]["required"]) == {"musetalk_job_id", "video_url", "audio_url"}
+    from flows.generate import generate
+
+    one = generate.parameters.model_dump()
+    assert "JobRequest" in json.dumps(one["properties"]["job"]) and "JobRequest" in one["definitions"]
 
 
 def test_fan_out_is_capped_by_online_workers():
