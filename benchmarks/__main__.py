@@ -13,6 +13,7 @@ _IMPORTED_AT = time.time()  # fallback anchor for the cold start when psutil can
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
@@ -77,8 +78,16 @@ def _process_start() -> float:
         return _IMPORTED_AT
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM as an exception: the ``subprocess.run`` calls (ffmpeg, espeak) and the encoder kill their
+    child while it unwinds, so a stopped benchmark leaves no process behind (the default action would end
+    this process and orphan them)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     from tasks.logs import configure_logging
 
     configure_logging(logging.INFO)  # before the benchmark imports Prefect (telemetry off, one log format)
