@@ -25,6 +25,7 @@ where a bad row fails as its own job."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -325,21 +326,29 @@ def reclaim_unstarted(ids: Sequence[UUID], dispatched_at: float, pickup_s: float
 
 
 def wait_for_runs(ids: Sequence[UUID], timeout_s: float, poll_s: float = POLL_INTERVAL_S) -> dict[UUID, Any]:
-    """The flow runs ``ids`` once all are final or ``timeout_s`` has passed (whichever comes first)."""
+    """The flow runs ``ids`` once all are final or ``timeout_s`` has passed (whichever comes first):
+    Prefect's ``wait_for_flow_run`` on every child at once; a child still running at the deadline is
+    returned as it stands, one the server does not know is left out."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import FlowRunWaitTimeout, ObjectNotFound
+    from prefect.flow_runs import wait_for_flow_run
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    deadline = time.monotonic() + timeout_s
-    wanted = set(ids)
-    with get_client(sync_client=True) as client:
-        while True:
-            found = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ids))))
-            runs = {r.id: r for r in found}
-            if set(runs) == wanted and all(r.state is not None and r.state.is_final() for r in runs.values()):
-                return runs
-            if time.monotonic() >= deadline:
-                return runs
-            time.sleep(poll_s)
+    async def wait_all() -> dict[UUID, Any]:
+        async with get_client() as client:
+            async def one(run_id: UUID) -> Any:
+                try:
+                    return await wait_for_flow_run(run_id, timeout=max(1, math.ceil(timeout_s)),
+                                                   poll_interval=max(1, math.ceil(poll_s)), client=client)
+                except FlowRunWaitTimeout:
+                    return await client.read_flow_run(run_id)
+                except ObjectNotFound:
+                    return None
+
+            runs = await asyncio.gather(*(one(run_id) for run_id in ids))
+        return {run.id: run for run in runs if run is not None}
+
+    return run_coro_as_sync(wait_all()) if ids else {}
 
 
 def artifact_rows(flow_run_id: UUID) -> list[dict[str, Any]] | None:
