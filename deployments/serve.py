@@ -419,6 +419,13 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid job request: " + describe_errors(exc.errors())
 
 
+def _failure_responses(bad_request: str, worker_fault: str) -> dict[int | str, dict[str, Any]]:
+    """An endpoint's failure answers for the OpenAPI schema: every one is the contract's failure body."""
+    return {422: {"model": JobFailure, "description": bad_request},
+            500: {"model": JobFailure, "description": worker_fault},
+            503: {"model": JobFailure, "description": "not ready / busy / shutting down"}}
+
+
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
                options: ServeOptions | None = None, prefect_warmup: Callable[[], Any] | None = None) -> FastAPI:
     """The worker's FastAPI app. ``engine_loader(settings)`` returns a loaded engine (tests inject one;
@@ -463,9 +470,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         return JSONResponse(body, status_code=status)
 
     @app.post("/generate", response_model=JobSuccess, summary="Render one lip-sync job",
-              responses={422: {"model": JobFailure, "description": "bad input (media_error, final)"},
-                         500: {"model": JobFailure, "description": "worker fault (processing_error)"},
-                         503: {"model": JobFailure, "description": "not ready / busy / shutting down"}})
+              responses=_failure_responses("bad input (media_error, final)", "worker fault (processing_error)"))
     async def generate_endpoint(
             job: JobRequest,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
@@ -473,9 +478,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
                                             job_id=job.musetalk_job_id))
 
     @app.post("/benchmark", summary="Measure this worker's GPU (a benchmark flow job, via Salad)",
-              responses={422: {"model": JobFailure, "description": "invalid benchmark request"},
-                         500: {"model": JobFailure, "description": "the measurement failed"},
-                         503: {"model": JobFailure, "description": "not ready / busy / shutting down"}})
+              responses=_failure_responses("invalid benchmark request", "the measurement failed"))
     async def benchmark_endpoint(
             job: BenchmarkJob,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
