@@ -43,6 +43,13 @@ UNSET_ENV = ("PREFECT_API_URL", "ORCHESTRATOR_BASE_URL", "BUFFER_ORCHESTRATOR_BA
              "MUSETALK_MAX_VIDEO_SEC", "MUSETALK_JOB_TIMEOUT_SEC")
 
 
+def worker_inputs(tmp_path_factory, name: str) -> tuple[Path, Path, Path]:
+    """A test module's work dir, and its avatar clip and speech track (made once per module)."""
+    work = tmp_path_factory.mktemp(f"{name}-work")
+    media = tmp_path_factory.mktemp(f"{name}-media")
+    return work, avatar_clip(media / "avatar.mp4"), speech(media / "speech.wav")
+
+
 def worker_env(mp, work: Path, models: Path, **extra: str) -> None:
     """Point the worker's settings at ``work`` and the tiny ``models`` (on a pytest MonkeyPatch)."""
     from tasks.settings import get_settings

@@ -186,9 +186,7 @@ def world(tmp_path_factory, tiny_models) -> World:
     from tasks.settings import get_settings
 
     base = tmp_path_factory.getbasetemp()
-    work = tmp_path_factory.mktemp("faults-work")
-    media = tmp_path_factory.mktemp("faults-media")
-    video, audio = hm.avatar_clip(media / "avatar.mp4"), hm.speech(media / "speech.wav")
+    work, video, audio = hm.worker_inputs(tmp_path_factory, "faults")
     mp = pytest.MonkeyPatch()
     hm.worker_env(mp, work, tiny_models, MUSETALK_CACHE_DIR=str(base / "shared-engine-cache"))
     raw, key_id = hm.simulated_b2(mp, BUCKET, APP_KEY)

@@ -98,9 +98,7 @@ def run(tmp_path_factory, tiny_models) -> Run:
     from b2sdk.v2.exception import ServiceError
 
     base = tmp_path_factory.getbasetemp()
-    work = tmp_path_factory.mktemp("secrets-work")
-    media = tmp_path_factory.mktemp("secrets-media")
-    video, audio = hm.avatar_clip(media / "avatar.mp4"), hm.speech(media / "speech.wav")
+    work, video, audio = hm.worker_inputs(tmp_path_factory, "secrets")
     cache = base / "shared-engine-cache"
     mp = pytest.MonkeyPatch()
     raw, key_id = hm.simulated_b2(mp, BUCKET, SECRETS["B2_APP_KEY"])
