@@ -91,7 +91,8 @@ EXPECT: dict[str, Expect] = {
     "unicode_and_space_in_url": OK,
     # --- SSRF guard on (MUSETALK_ALLOW_PRIVATE_URLS=false): refused before any connection
     "ssrf_loopback_ip": bad("download", r"^the video URL points to a private or reserved network address "
-                                        r"\(127\.0\.0\.1\); only public URLs are accepted$"),
+                                        r"\(127\.0\.0\.1\); only public URLs are accepted unless the operator "
+                                        r"lists the host or network in MUSETALK_PRIVATE_URL_ALLOWLIST$"),
     "ssrf_localhost_name": bad("download", r"points to a private or reserved network address \(localhost\)"),
     "ssrf_ipv6_loopback": bad("download", r"points to a private or reserved network address \(::1\)"),
     "ssrf_ipv4_mapped_ipv6": bad("download", r"points to a private or reserved network address"),
