@@ -411,6 +411,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="avatar cache directory (default: $MUSETALK_CACHE_DIR)")
 
 
+def _service_args(p: argparse.ArgumentParser, port: int) -> None:
+    """The listening address and log level shared by the two HTTP services (worker, orchestrator)."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level of the service (default info)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__,
@@ -447,10 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common],
                        help="run the worker service (HTTP /hc + /generate; buffer loop with BUFFER_WORKER_ID)")
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="log level of the service (default info)")
+    _service_args(s, 8000)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", parents=[common],
@@ -483,10 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("orchestrator", parents=[common],
                        help="run the control plane: public job API, /internal worker protocol, /docs")
-    o.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    o.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-    o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="log level of the service (default info)")
+    _service_args(o, 8080)
     o.set_defaults(func=cmd_orchestrator)
 
     u = sub.add_parser("up", parents=[common],
