@@ -24,6 +24,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from benchmarks.control_plane import Process
 from musetalk_engine.sample_media import make_avatar_video, make_speech
 from tests.pg import start_postgres
 from tests.servers import free_port
@@ -42,21 +43,12 @@ _SCRUB = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_SERV
 
 # ------------------------------------------------------------------------------------------ processes
 
-class Service:
-    """A long-lived subprocess (server, worker) in its own session, output in a log file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+class Service(Process):
+    """A long-lived subprocess (server, worker): the benchmark's Process, with a whole-log read and a stop
+    that waits ``timeout`` for a SIGINT'd worker to finish its run."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def tail(self, chars: int = 3000) -> str:
-        return f"--- {self.name} (rc={self.proc.poll()}) ---\n{self.log()[-chars:]}"
 
     def stop(self, timeout: float = 30) -> None:
         """SIGINT (workers ignore SIGTERM), then the whole session group if it lingers."""
