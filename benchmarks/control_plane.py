@@ -173,6 +173,7 @@ class LoadResult:
     server_errors: int = 0  # 5xx/dropped answers to submits and reports, retried
     claim_errors: int = 0  # 5xx/dropped answers to claims (the worker polled again)
     leases_lost: int = 0  # reports answered 409: the orchestrator had requeued the job (it ran again)
+    claims_refused: int = 0  # claims answered 409: the worker's heartbeats had not been recorded in time
     duplicates: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     not_succeeded: dict[str, str] = field(default_factory=dict)
@@ -288,6 +289,11 @@ def run_claimers(base: str, n_jobs: int, claimers: int, render_s: float, timeout
                             counters["claim_errors"] = counters.get("claim_errors", 0) + 1
                         time.sleep(0.5)
                         continue
+                    if r.status_code == 409:  # refused: no heartbeat recorded within the window; beat, poll again
+                        with lock:
+                            counters["claims_refused"] = counters.get("claims_refused", 0) + 1
+                        heartbeat(http, worker_id, "idle")
+                        continue
                     r.raise_for_status()
                     job = r.json().get("job")
                     if job is None:
@@ -391,7 +397,7 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
         claim_max_ms=round(max(lat, default=0.0), 1), empty_claims=len(empty),
         empty_p50_ms=round(statistics.median(empty), 1) if empty else 0.0,
         server_errors=counters.get("server_errors", 0), claim_errors=counters.get("claim_errors", 0),
-        leases_lost=counters.get("leases_lost", 0),
+        leases_lost=counters.get("leases_lost", 0), claims_refused=counters.get("claims_refused", 0),
         duplicates=sorted(j for j, n in seen.items() if n > 1),
         lost=sorted(set(ids) - set(seen)),
         not_succeeded={j: s for j, s in statuses.items() if s != "succeeded"},
