@@ -27,6 +27,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
+from tasks.http_client import PooledClient
 from tasks.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _quote(segment: str) -> str:
     return quote(str(segment), safe="")
 
 
-class OrchestratorClient:
+class OrchestratorClient(PooledClient):
     """Synchronous client for the orchestrator's internal API."""
 
     def __init__(self, base_url: str | None, api_key: SecretStr | None, worker_id: str, *,
@@ -101,15 +102,6 @@ class OrchestratorClient:
                    buffer_base_url=settings.buffer_orchestrator_url, **kwargs)
 
     # --- plumbing
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> "OrchestratorClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _clean(self, text: str) -> str:
         return redact(text, [self._secret] if self._secret else [])

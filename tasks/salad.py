@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
+from tasks.http_client import PooledClient
 from tasks.settings import redact
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _Again(Exception):
         self.response = response
 
 
-class SaladClient:
+class SaladClient(PooledClient):
     """Synchronous client for one organization/project of the SaladCloud public API."""
 
     def __init__(
@@ -102,16 +103,6 @@ class SaladClient:
 
     def __repr__(self) -> str:
         return f"SaladClient(org={self.org!r}, project={self.project!r}, base_url={self.base_url!r})"
-
-    # -- lifecycle
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> "SaladClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- container groups
     def get_container_group(self, name: str) -> dict[str, Any]:
