@@ -102,11 +102,16 @@ class ScalingPolicy(BaseModel):
     jobs_per_replica: int = Field(default=1, ge=1, description="unfinished jobs one replica should absorb")
 
 
-class Candidate(BaseModel):
-    """A measured class, with the numbers it is ranked on."""
+class GpuClassRef(BaseModel):
+    """Which GPU class a record is about: Salad's class id, and the name people read in reports."""
 
     class_id: str
     name: str
+
+
+class Candidate(GpuClassRef):
+    """A measured class, with the numbers it is ranked on."""
+
     fps: float
     real_time_factor: float
     price_per_hour: Optional[float] = None
@@ -177,11 +182,9 @@ def desired_count(demand: int, policy: ScalingPolicy) -> int:
     return max(policy.min_replicas, min(policy.max_replicas, want))
 
 
-class ClassDemand(BaseModel):
+class ClassDemand(GpuClassRef):
     """What one class has to do; None where a count could not be read."""
 
-    class_id: str
-    name: str
     queue: str
     container_group: str
     prefect_runs: Optional[int] = None
@@ -195,11 +198,9 @@ class ClassDemand(BaseModel):
         return max(self.prefect_runs or 0, self.salad_waiting or 0)
 
 
-class ClassScale(BaseModel):
+class ClassScale(GpuClassRef):
     """The decision for one class's container group."""
 
-    class_id: str
-    name: str
     container_group: str
     prefect_runs: Optional[int]
     salad_waiting: Optional[int]
