@@ -41,6 +41,8 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
+from deployments.up import poll_http
+
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 API_KEY = "bench-api-key-" + uuid.uuid4().hex[:8]
@@ -92,17 +94,11 @@ def _free_port() -> int:
 
 
 def _wait_http(url: str, timeout: float, proc: Process) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited while starting\n{proc.tail()}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{proc.name} did not answer {url} within {timeout:g} s\n{proc.tail()}")
+    outcome = poll_http(url, timeout, exited=lambda: proc.proc.poll() is not None, request_timeout=5)
+    if outcome == "exited":
+        raise RuntimeError(f"{proc.name} exited while starting\n{proc.tail()}")
+    if outcome == "timeout":
+        raise RuntimeError(f"{proc.name} did not answer {url} within {timeout:g} s\n{proc.tail()}")
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Literal
 
 import httpx
 
@@ -51,18 +52,31 @@ class Child:
         self._log.close()
 
 
-def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -> None:
+def poll_http(url: str, timeout: float, *, exited: Callable[[], bool],
+              request_timeout: float) -> Literal["up", "exited", "timeout"]:
+    """Asks ``url`` every half second until it answers 200 ("up"), the process meant to serve it has
+    ``exited()`` (checked before each try, so a crash is not waited out), or ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if child is not None and child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+        if exited():
+            return "exited"
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            if httpx.get(url, timeout=request_timeout).status_code == 200:
+                return "up"
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+    return "timeout"
+
+
+def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -> None:
+    outcome = poll_http(url, timeout, exited=lambda: child is not None and child.proc.poll() is not None,
+                        request_timeout=2)
+    if outcome == "exited":
+        assert child is not None
+        raise RuntimeError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+    if outcome == "timeout":
+        raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, prefect_port: int = 4200,
