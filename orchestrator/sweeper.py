@@ -54,7 +54,9 @@ async def requeue_lost(client: PrefectClient, settings: OrchestratorSettings, up
         held_long = since is not None and (now - since) >= timedelta(seconds=offline)
         if worker is not None and worker.online(now, offline):
             idle = worker.status == "idle" and worker.idle_since is not None and since is not None
-            if not (idle and worker.idle_since >= since and (now - worker.idle_since) >= timedelta(seconds=offline)):
+            # idle_since marks an unbroken run of idle heartbeats; whether it began before the claim or after,
+            # the evidence must cover a whole window after the worker got the run
+            if not (idle and now - max(worker.idle_since, since) >= timedelta(seconds=offline)):
                 continue
             # Alive, and idle in every heartbeat for a whole window since it got the run: the claim's answer
             # never reached it (a timed-out request the server still completed), so nobody renders this job.
