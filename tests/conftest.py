@@ -26,3 +26,18 @@ def pytest_unconfigure(config):
     import logging
 
     logging.raiseExceptions = False
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it: the CLI's in-process ``main()`` sets Prefect's console
+    level and Hugging Face's quiet switches for its children (tasks/logs.configure_cli), and without this
+    they leak into every later test's subprocesses (workers whose INFO lines a test reads went silent)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
