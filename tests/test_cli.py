@@ -159,6 +159,27 @@ def test_generate_writes_the_output_quietly(tiny_models, media, tmp_path, home):
     assert "engine loaded" in proc.stderr  # INFO logs are back with -v
 
 
+
+def test_progress_names_each_stage_on_a_terminal(capsys):
+    """On a terminal the progress line names the stage that runs (not "render: 0frame"), and moves a frame
+    bar while rendering; off a terminal it prints nothing."""
+    from deployments.cli import Progress
+
+    shown = Progress(enabled=True)
+    with shown.stage("preparing avatar"):
+        time.sleep(0.6)  # one tick of the clock that keeps an uncounted stage alive
+    with shown.stage("rendering", total=10) as bar:
+        shown.frames(bar)(4, 10)
+        bar.refresh()
+    err = capsys.readouterr().err
+    assert "preparing avatar" in err and "rendering" in err and "4/10" in err, err
+
+    quiet = Progress(enabled=False)
+    with quiet.stage("preparing avatar") as bar:
+        quiet.frames(bar)(1, 2)
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------- models, in-process
 
 def test_make_tiny_then_check(tmp_path, capsys):
