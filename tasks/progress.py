@@ -7,6 +7,9 @@ method, path, status and elapsed time (INFO for 2xx, WARNING otherwise).
 Failure semantics differ on purpose:
 
 * :meth:`OrchestratorClient.progress` is best effort: it never raises and returns whether it worked.
+  Only a job's terminal update (succeeded/failed) is worth waiting for: :class:`ProgressReporter` retries
+  it through a short orchestrator outage (a restart, a redeploy), so the job's final progress — and with
+  it the output URL and metrics — is not lost; running updates are superseded by the next one anyway.
 * heartbeat / claim / report raise :class:`OrchestratorError`; the buffer loop logs it, reports it in
   its next heartbeat and retries.
 
@@ -27,6 +30,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
+
 from tasks.http_client import PooledClient
 from tasks.settings import Settings, get_settings, redact
 
@@ -40,6 +45,12 @@ progress_listener: ContextVar[Callable[[str, float], None] | None] = ContextVar(
 Status = Literal["running", "succeeded", "failed"]
 Phase = Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
 STATUSES = ("running", "succeeded", "failed")
+TERMINAL_STATUSES = ("succeeded", "failed")
+# How long a reporter keeps retrying a job's terminal update while the orchestrator is unreachable or
+# answers 5xx (an orchestrator restart takes seconds). ``close`` waits for it only up to its own timeout,
+# so a dead orchestrator delays a job's answer by at most that; a long-lived worker process (serve,
+# buffer) keeps retrying on the background thread after the job has answered.
+FINAL_RETRY_SEC = 60.0
 PHASES = ("preparing", "inferring", "encoding", "uploading", "completed", "failed")
 API_KEY_HEADER = "X-Internal-API-Key"
 _EXCERPT = 200
@@ -135,10 +146,17 @@ class OrchestratorClient(PooledClient):
     def progress(self, job_id: str, status: Status, progress: float, phase: Phase,
                  metrics: dict[str, Any] | None = None, error: Any = None, output_url: str | None = None) -> bool:
         """POST the job's progress; never raises, returns True on a 2xx."""
+        return self.send_progress(job_id, status, progress, phase, metrics, error, output_url) == 200
+
+    def send_progress(self, job_id: str, status: Status, progress: float, phase: Phase,
+                      metrics: dict[str, Any] | None = None, error: Any = None,
+                      output_url: str | None = None) -> int | None:
+        """POST the job's progress; never raises. 200 for any 2xx, else the HTTP status, None when no
+        answer came (so a caller can tell an outage worth retrying from a refusal)."""
         path = f"/internal/jobs/{_quote(job_id)}/progress"
         if status not in STATUSES or phase not in PHASES:
             log.error("progress for %s not sent: invalid status %r / phase %r", job_id, status, phase)
-            return False
+            return 422
         body: dict[str, Any] = {"status": status, "progress": round(min(max(float(progress), 0.0), 1.0), 4),
                                 "phase": phase, "worker_id": self.worker_id}
         if metrics is not None:
@@ -148,12 +166,13 @@ class OrchestratorClient(PooledClient):
         if output_url is not None:
             body["output_url"] = output_url
         try:
-            return self._post(self.base_url, path, body).is_success
+            response = self._post(self.base_url, path, body)
         except OrchestratorError:
-            return False
+            return None
         except Exception as exc:  # e.g. metrics that are not JSON: still never break the job
             log.warning("progress for %s not sent: %s", job_id, self._clean(repr(exc))[:_EXCERPT])
-            return False
+            return 422
+        return 200 if response.is_success else response.status_code
 
     # --- buffer mode
 
@@ -201,8 +220,9 @@ class ProgressReporter:
     """
 
     def __init__(self, client: OrchestratorClient | None, job_id: str, *, min_interval: float = 0.5,
-                 max_pending: int = 16, owns_client: bool = False):
+                 max_pending: int = 16, owns_client: bool = False, final_retry_sec: float = FINAL_RETRY_SEC):
         self.job_id = job_id
+        self.final_retry_sec = final_retry_sec
         # read here, in the job's own context: updates also come from render threads, which do not see it
         self._listener = progress_listener.get()
         self._owns_client = owns_client
@@ -305,4 +325,17 @@ class ProgressReporter:
                     else:
                         self._cond.wait()
                 state = self._pending.popleft()
-            self._client.progress(self.job_id, **state)
+            if state["status"] in TERMINAL_STATUSES:
+                self._send_final(state)
+            else:
+                self._client.progress(self.job_id, **state)
+
+    def _send_final(self, state: dict[str, Any]) -> None:
+        """Send the terminal update, retrying (bounded) while no answer or a 5xx comes back."""
+        assert self._client is not None
+        outage = lambda code: code is None or code >= 500  # noqa: E731 - a refusal (4xx) is final
+        retrying = Retrying(stop=stop_after_delay(self.final_retry_sec), wait=wait_exponential(0.25, max=4.0),
+                            retry=retry_if_result(outage), retry_error_callback=lambda rs: rs.outcome.result())
+        code = retrying(self._client.send_progress, self.job_id, **state)
+        if outage(code):
+            log.warning("final progress for %s not delivered within %.0f s", self.job_id, self.final_retry_sec)

@@ -154,10 +154,33 @@ def test_key_never_logged_or_in_errors(server, fake, caplog):
 def test_unreachable_orchestrator_never_breaks_progress():
     with OrchestratorClient(_closed_port_url(), SecretStr(KEY), "w", timeout=1.0) as down:
         assert down.progress("j", "running", 0.1, "preparing") is False
-        reporter = ProgressReporter(down, "j", min_interval=0.0)
+        reporter = ProgressReporter(down, "j", min_interval=0.0, final_retry_sec=1.0)
         reporter.update("preparing", 0.1)
         reporter.finish()
         reporter.close(timeout=5)
+
+
+def test_final_update_outlasts_an_orchestrator_outage_but_not_a_refusal(client, fake):
+    """The terminal update (with the output URL) is retried while the orchestrator answers 5xx — e.g.
+    while it restarts — and arrives once it is back; a 4xx refusal is final and not repeated."""
+    import threading
+
+    fake.statuses["/job-final/progress"] = 503
+    threading.Timer(0.8, fake.statuses.clear).start()  # the orchestrator comes back
+    reporter = ProgressReporter(client, "job-final", min_interval=0.0, final_retry_sec=10.0)
+    reporter.finish(metrics={"total_time": 1.0}, output_url="https://dl/final.mp4")
+    reporter.close()
+    finals = fake.bodies("/job-final/progress")
+    assert len(finals) >= 2, "a 503 must be retried"
+    assert all(b["status"] == "succeeded" and b["output_url"] == "https://dl/final.mp4" for b in finals)
+
+    fake.requests.clear()
+    fake.statuses["/job-gone/progress"] = 409
+    refused = ProgressReporter(client, "job-gone", min_interval=0.0, final_retry_sec=10.0)
+    refused.fail({"error_type": "processing_error"})
+    started = time.monotonic()
+    refused.close()
+    assert len(fake.bodies("/job-gone/progress")) == 1 and time.monotonic() - started < 5
 
 
 # --------------------------------------------------------------------------------------- reporter
