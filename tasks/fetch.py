@@ -8,9 +8,10 @@ Download policy (:func:`download`):
   reserved ranges) unless ``MUSETALK_ALLOW_PRIVATE_URLS``. Redirects are followed by hand (at most
   :data:`MAX_REDIRECTS`, loops refused) so every hop is checked, and the connected peer address is
   checked again once the response arrives, which defeats DNS rebinding between check and connect.
-* Transient failures (connect errors, timeouts, 408/429/5xx) get :data:`ATTEMPTS` attempts with
-  exponential backoff from ``MUSETALK_DOWNLOAD_RETRY_BASE_SEC``; other 4xx fail at once. When all
-  attempts fail the input is reported as unreachable: a :class:`MediaError` (422), per DESIGN §4.
+* Transient failures (connect errors, timeouts, 408/429/5xx) get :data:`ATTEMPTS` attempts (tenacity) with
+  exponential backoff from ``MUSETALK_DOWNLOAD_RETRY_BASE_SEC`` (base, then 2×base); other 4xx fail at
+  once. When all attempts fail, or the next wait would pass the download's time limit, the input is
+  reported as unreachable: a :class:`MediaError` (422), per DESIGN §4.
 * Broken HTTP framing (``RemoteProtocolError``: a chunked body cut short, a connection closed early):
   the next attempt is made at once with ``Connection: close``, and on that attempt, if the server sent
   no Content-Length, the bytes read until the connection closed are accepted (that is what an HTTP/1.0
@@ -44,6 +45,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
+from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt,
+                      stop_before_delay, wait_exponential)
 
 from musetalk_engine.errors import MediaError, MuseTalkError, ProcessingError
 from musetalk_engine.files import atomic_write
@@ -397,38 +400,42 @@ def download(url: str, dest: Path, kind: Kind, settings: Settings | None = None,
 
     started = time.monotonic()
     deadline = started + settings.musetalk_download_timeout_sec
-    delay = settings.musetalk_download_retry_base_sec
+    base = settings.musetalk_download_retry_base_sec
     tmp = _temp_name(dest)
     close_fallback = False
-    last: _Transient | None = None
-    size: int | None = None
-    attempt = 0
+
+    backoff = wait_exponential(multiplier=base)  # base, 2×base, 4×base … by attempt number
+
+    def wait(state: RetryCallState) -> float:
+        if state.outcome.exception().framing and not close_fallback:
+            return 0.0  # the next attempt reads the body as HTTP/1.0 would: no reason to wait for it
+        return backoff(state)
+
+    def before_retry(state: RetryCallState) -> None:
+        nonlocal close_fallback
+        exc = state.outcome.exception()
+        if exc.framing and not close_fallback:
+            close_fallback = True
+            log.warning("download of %s: %s; retrying with Connection: close", display_url(url), exc.reason)
+        else:
+            log.warning("download of %s failed (%s), attempt %d/%d; retrying in %.1f s", display_url(url),
+                        exc.reason, state.attempt_number, ATTEMPTS, state.upcoming_sleep)
+
     try:
         with _client(settings, transport) as client:
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    size = _fetch_once(client, url, tmp, kind, settings, deadline, close_fallback)
-                    break
-                except _Transient as exc:
-                    last = exc
-                    if attempt == ATTEMPTS:
-                        break
-                    if exc.framing and not close_fallback:
-                        close_fallback = True  # retry at once, reading the body as HTTP/1.0 would
-                        log.warning("download of %s: %s; retrying with Connection: close",
-                                    display_url(url), exc.reason)
-                        continue
-                    if time.monotonic() + delay > deadline:
-                        break
-                    log.warning("download of %s failed (%s), attempt %d/%d; retrying in %.1f s",
-                                display_url(url), exc.reason, attempt, ATTEMPTS, delay)
-                    time.sleep(delay)
-                    delay *= 2
-        if size is None:
-            reason = last.reason if last else "unknown error"
-            raise MediaError(f"could not download {_label(kind)}: {reason} (after {attempt} attempts)",
-                             stage="download",
-                             details={"url": display_url(url), "attempts": attempt, "transient": True})
+            try:
+                size = Retrying(
+                    retry=retry_if_exception_type(_Transient),
+                    # the whole download, retries included, stays within MUSETALK_DOWNLOAD_TIMEOUT_SEC
+                    stop=stop_after_attempt(ATTEMPTS) | stop_before_delay(deadline - time.monotonic()),
+                    wait=wait, before_sleep=before_retry,
+                )(lambda: _fetch_once(client, url, tmp, kind, settings, deadline, close_fallback))
+            except RetryError as exc:  # out of attempts or time: the input is unreachable (DESIGN §4)
+                attempts = exc.last_attempt.attempt_number
+                raise MediaError(
+                    f"could not download {_label(kind)}: {exc.last_attempt.exception().reason} "
+                    f"(after {attempts} attempts)", stage="download",
+                    details={"url": display_url(url), "attempts": attempts, "transient": True}) from None
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -189,6 +189,31 @@ def test_transient_errors_are_retried_then_succeed(tmp_path):
     assert len(script.requests) == 3
 
 
+def test_backoff_doubles_and_broken_framing_retries_at_once(tmp_path, monkeypatch):
+    """Waits of base then 2×base between transient failures; a broken connection is retried at once, with
+    Connection: close; a wait that would pass the download's time limit is not taken."""
+    import time
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    script = Script(httpx.Response(503), httpx.Response(503), httpx.Response(200, content=MEDIA))
+    assert _fetch(tmp_path, script, musetalk_download_retry_base_sec=0.25).read_bytes() == MEDIA
+    assert sleeps == [0.25, 0.5]
+
+    sleeps.clear()
+    script = Script(httpx.RemoteProtocolError("peer closed"), httpx.Response(503),
+                    httpx.Response(200, content=MEDIA))
+    assert _fetch(tmp_path, script, musetalk_download_retry_base_sec=0.25).read_bytes() == MEDIA
+    assert [s for s in sleeps if s] == [0.5]
+    assert [r.headers.get("connection") for r in script.requests][1:] == ["close", "close"]
+
+    sleeps.clear()
+    script = Script(httpx.Response(503))
+    with pytest.raises(MediaError, match=r"HTTP 503 \(after 1 attempts\)") as info:
+        _fetch(tmp_path, script, musetalk_download_retry_base_sec=60.0, musetalk_download_timeout_sec=30.0)
+    assert sleeps == [] and len(script.requests) == 1 and info.value.details["transient"]
+
+
 def test_persistent_5xx_and_timeouts_become_media_error(tmp_path):
     for failure in (httpx.Response(502), httpx.Response(429), httpx.ReadTimeout("slow")):
         script = Script(failure)
