@@ -28,8 +28,13 @@ from tasks.audio import cache_audio_features
 from tasks.avatar import cache_avatar
 from tasks.render import render_video
 from tasks.progress import ProgressReporter
+from tasks.run_overhead import heartbeats_end_without_join, untagged_task_runs
 from tasks.settings import Settings, get_settings
 from tasks.storage import build_sidecar, safe_job_id, storage_from_settings, upload_result
+
+# every process that runs this flow: its runs end when their final state is reported, not up to a second
+# later (see tasks/run_overhead.py)
+heartbeats_end_without_join()
 
 
 def remove_stale_workspaces(work: Path, safe_id: str) -> list[Path]:
@@ -91,7 +96,15 @@ def prepare_inputs(settings: Settings, job: JobRequest, video: Path, audio: Path
 def run_job(job_data: dict[str, Any], queue_job_id: str | None = None) -> JobOutcome:
     """download → validate → prepare avatar + audio features (cached) → render → upload, each stage
     timed, with live progress to the orchestrator; the success body, or any failure as the contract's
-    failure body (nothing escapes as a crash). Callable inside any flow (``generate`` and ``batch``)."""
+    failure body (nothing escapes as a crash). Callable inside any flow (``generate`` and ``batch``).
+
+    The caller's tags (``attempt-of:``, ``batch:``) stay on the flow run and off its task runs: on a
+    task run each costs an API round trip for concurrency slots (tasks/run_overhead.py)."""
+    with untagged_task_runs():
+        return _run_job(job_data, queue_job_id)
+
+
+def _run_job(job_data: dict[str, Any], queue_job_id: str | None) -> JobOutcome:
     settings = get_settings()
     started = time.perf_counter()
     timer = StageTimer(listed=())  # the contract's stages, in the order the job went through them

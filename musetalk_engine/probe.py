@@ -9,7 +9,11 @@ own: they only ever see files a probe accepted."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +52,65 @@ class ProbeFailed(Exception):
         self.timed_out = timed_out
 
 
+# answers remembered (see the module's docstring): a job's two inputs, a few jobs back
+_REMEMBERED = 32
+_answers: OrderedDict[tuple, bytes] = OrderedDict()
+_answers_lock = threading.Lock()
+
+
+def _identity(path: Path) -> tuple | None:
+    """What identifies this version of a regular file; None for anything else (never remembered)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def forget_probes() -> None:
+    """Drop every remembered answer (tests; a benchmark that must pay for each probe)."""
+    with _answers_lock:
+        _answers.clear()
+
+
 def ffprobe(path: str | Path, *, timeout: float = PROBE_TIMEOUT_SEC) -> dict[str, Any]:
     """ffprobe's JSON (``-show_format -show_streams``) for ``path``; :class:`ProbeFailed` when it cannot
-    read it, a non-retryable ProcessingError when ffprobe is not installed."""
+    read it, a non-retryable ProcessingError when ffprobe is not installed. An unchanged file probed
+    before is answered from memory (a fresh copy of the same JSON)."""
+    resolved = Path(path).resolve()
+    identity = _identity(resolved)
+    if identity is not None:
+        with _answers_lock:
+            remembered = _answers.get(identity)
+            if remembered is not None:
+                _answers.move_to_end(identity)
+        if remembered is not None:
+            return json.loads(remembered)
+    answer = _run_ffprobe(resolved, timeout)
+    data = _parse(answer)
+    # remembered only if the file did not change while ffprobe read it
+    if identity is not None and _identity(resolved) == identity:
+        with _answers_lock:
+            _answers[identity] = answer
+            while len(_answers) > _REMEMBERED:
+                _answers.popitem(last=False)
+    return data
+
+
+def _parse(answer: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(answer or b"{}")
+    except ValueError:
+        raise ProbeFailed("ffprobe's answer is not JSON") from None
+
+
+def _run_ffprobe(resolved: Path, timeout: float) -> bytes:
+    """ffprobe's stdout for ``resolved``, or the failure it reported."""
     args = ["ffprobe", "-v", "error", "-protocol_whitelist", "file",
             "-format_whitelist", ",".join(ALLOWED_DEMUXERS), "-show_format", "-show_streams",
-            "-of", "json", f"file:{Path(path).resolve()}"]
+            "-of", "json", f"file:{resolved}"]
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -68,10 +125,7 @@ def ffprobe(path: str | Path, *, timeout: float = PROBE_TIMEOUT_SEC) -> dict[str
             fmt = refused[0].partition("[")[2].partition(" @")[0] or "unknown"
             raise ProbeFailed(refused[0][:300], refused=fmt)
         raise ProbeFailed(lines[-1][:300] if lines else f"exit {proc.returncode}")
-    try:
-        return json.loads(proc.stdout or b"{}")
-    except ValueError:
-        raise ProbeFailed("ffprobe's answer is not JSON") from None
+    return proc.stdout
 
 
 def display_rotation(stream: dict) -> int:
