@@ -45,10 +45,14 @@ class BenchmarkJob(BaseModel):
     benchmark: dict[str, Any]
 
 
-def benchmark_config(request: dict[str, Any], settings: Settings, *, cuda: bool) -> BenchmarkConfig:
-    """The measurement a job asks for, on this worker's terms; a bad request is a MediaError (422)."""
+def benchmark_config(request: dict[str, Any], settings: Settings, *, cuda: bool,
+                     device: str | None = None) -> BenchmarkConfig:
+    """The measurement a job asks for, on this worker's terms; a bad request is a MediaError (422).
+    ``device``: the GPU to measure (the render slot's that runs the job); None: the child's default."""
     fields = {k: v for k, v in request.items()
               if k in BenchmarkConfig.model_fields and k not in _WORKER_DECIDES and v is not None}
+    if device is not None:
+        fields["device"] = device
     fields.setdefault("profile", "full-random" if cuda else "tiny")
     fields.setdefault("gpu_class", settings.gpu_class_name)
     fields["work_dir"] = settings.resolve(settings.musetalk_cache_dir) / "benchmark"
@@ -95,12 +99,12 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> int | None:
 
 
 def run_benchmark_job(job: dict[str, Any], settings: Settings, timeout_s: float, *, cuda: bool,
-                      release: Callable[[], None] | None = None) -> JobOutcome:
+                      release: Callable[[], None] | None = None, device: str | None = None) -> JobOutcome:
     """One benchmark job, as the HTTP outcome: 200 with the result, 422 for a bad request, 500 (retryable)
     when the measurement failed or ran out of time. ``release`` (the warm engine's ``release_gpu_memory``)
-    runs before the child starts."""
+    runs before the child starts; ``device`` is the GPU the child measures (see :func:`benchmark_config`)."""
     try:
-        config = benchmark_config(job.get("benchmark") or {}, settings, cuda=cuda)
+        config = benchmark_config(job.get("benchmark") or {}, settings, cuda=cuda, device=device)
     except MediaError as exc:
         status, body = failure_body(exc, {}, "validation")
         return JobOutcome(http_status=status, body=body)

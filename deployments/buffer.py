@@ -7,10 +7,17 @@ and the orchestrator marked it offline mid-job):
   ``BUFFER_POLL_INTERVAL_SEC``, measured start to start, also while a job renders. ``error`` carries the
   failures seen since the last heartbeat that got through (its own, the claim's, a report's, a failed
   model load), so a problem is visible in the orchestrator even when it was the orchestrator that failed.
-* ``buffer-claim`` claims only when the worker is warm and idle (no HTTP job running or waiting either),
-  waits one interval after ``{"job": null}``, runs a claimed job through the process's single render
-  queue (shared with ``/generate``), then reports ``succeeded`` with ``output_url`` and metrics, or
-  ``failed`` with the error. A success without ``output_url`` is reported as a failure, never a success.
+* ``buffer-claim`` claims only when the worker is warm, a render slot is free (HTTP jobs running or
+  waiting take slots too) and it holds fewer than ``capacity`` claimed jobs; it waits one interval after
+  ``{"job": null}``. A claimed job goes to the process's render queue (shared with ``/generate``) at once,
+  so the next claim may follow while it renders (``BUFFER_CAPACITY`` > 1 on a several-GPU worker).
+* ``buffer-job`` (one per claimed job, at most ``capacity``): waits for the job's outcome, then reports
+  ``succeeded`` with ``output_url`` and metrics, or ``failed`` with the error. A success without
+  ``output_url`` is reported as a failure, never a success. The claim is held until the report is done,
+  so with capacity 1 the next claim comes after the report, as the orchestrator expects.
+
+The heartbeat says ``idle`` only when a claim could be made now, so ``busy`` means every slot (or every
+claim the capacity allows) is taken; a partly used several-GPU worker heartbeats ``idle``.
 
 An orchestrator that is down or answers non-2xx gets bounded exponential backoff (the interval doubled
 per consecutive failure, capped); every response is logged by :class:`tasks.progress.OrchestratorClient`.
@@ -85,14 +92,17 @@ class _Errors:
 
 
 class BufferLoop:
-    """Heartbeat and claim threads of one buffer worker (one GPU, one job at a time)."""
+    """Heartbeat and claim threads of one buffer worker, holding up to ``capacity`` claimed jobs at once.
+
+    ``busy()``: no render slot is free for another job now (the render queue's ``full``); ``stuck(ticket)``:
+    that job has rendered far past its timeout."""
 
     def __init__(self, client: OrchestratorClient, *, interval: float, capacity: int,
                  submit: Callable[[dict[str, Any], str | None], TicketLike],
                  ready: Callable[[], bool], busy: Callable[[], bool],
                  gpu_class: Callable[[], str | None] = lambda: None,
                  load_error: Callable[[], str | None] = lambda: None,
-                 stuck: Callable[[], bool] = lambda: False):
+                 stuck: Callable[[TicketLike], bool] = lambda ticket: False):
         self.client = client
         self.interval = float(interval)
         self.capacity = int(capacity)
@@ -102,24 +112,33 @@ class BufferLoop:
         self.errors = _Errors()
         self._stop_claims = threading.Event()
         self._stop_all = threading.Event()
+        # buffer job ids claimed and not yet reported; the claim thread waits on it while it is full
+        self._held: set[str] = set()
+        self._held_changed = threading.Condition()
+        # daemon threads, like the claim thread: a job stuck in native code must not hold the process at exit
+        self._following: set[threading.Thread] = set()
         self._claim_thread = threading.Thread(target=self._claim_loop, name="buffer-claim", daemon=True)
         self._beat_thread = threading.Thread(target=self._heartbeat_loop, name="buffer-heartbeat", daemon=True)
-        if self.capacity > 1:
-            log.warning("BUFFER_CAPACITY=%d: this process renders one job at a time (one GPU); it claims "
-                        "a new job only when idle", self.capacity)
 
     @classmethod
     def from_service(cls, service: Any) -> "BufferLoop":
-        """The loop of a :class:`deployments.serve.WorkerService` (shares its render queue)."""
+        """The loop of a :class:`deployments.serve.WorkerService` (shares its render queue; its capacity is
+        the service's: BUFFER_CAPACITY, at most and by default one per render slot)."""
         settings: Settings = service.settings
         client = OrchestratorClient.from_settings(settings)
         if client is None or not client.buffer_base_url:
             raise ValueError("BUFFER_WORKER_ID is set but neither BUFFER_ORCHESTRATOR_BASE_URL nor "
                              "ORCHESTRATOR_BASE_URL is: buffer mode cannot reach the orchestrator")
-        return cls(client, interval=settings.buffer_poll_interval_sec, capacity=settings.buffer_capacity,
+        return cls(client, interval=settings.buffer_poll_interval_sec, capacity=service.buffer_capacity,
                    submit=service.queue.submit, ready=lambda: service.ready and not service.draining,
-                   busy=lambda: service.queue.busy, gpu_class=lambda: service.gpu_class,
-                   load_error=lambda: service.load_error, stuck=service.stuck)
+                   busy=lambda: service.queue.full, gpu_class=lambda: service.gpu_class,
+                   load_error=lambda: service.load_error, stuck=service.ticket_stuck)
+
+    @property
+    def held(self) -> int:
+        """Claimed jobs not reported yet."""
+        with self._held_changed:
+            return len(self._held)
 
     # --- lifecycle
 
@@ -130,22 +149,31 @@ class BufferLoop:
         self._claim_thread.start()
 
     def stop_claiming(self) -> None:
-        """No new claims; heartbeats go on (the running job is still this worker's)."""
+        """No new claims; heartbeats go on (the running jobs are still this worker's)."""
         self._stop_claims.set()
+        with self._held_changed:
+            self._held_changed.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop both threads (the claim thread first reports a job it finished)."""
-        self._stop_claims.set()
+        """Stop every thread (the claimed jobs' threads first report the jobs that finished)."""
+        self.stop_claiming()
+        deadline = time.monotonic() + timeout
         if self._claim_thread.is_alive():
             self._claim_thread.join(timeout)
+        with self._held_changed:
+            following = set(self._following)
+        for thread in following:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_all.set()
         if self._beat_thread.is_alive():
             self._beat_thread.join(timeout)
         self.client.close()
 
     def status(self) -> str:
-        """``idle`` only when a claim could be made now."""
-        return "idle" if self._ready() and not self._busy() and not self._stop_claims.is_set() else "busy"
+        """``idle`` only when a claim could be made now: warm, a render slot free, a claim left."""
+        claimable = (self._ready() and not self._busy() and self.held < self.capacity
+                     and not self._stop_claims.is_set())
+        return "idle" if claimable else "busy"
 
     def _note(self, what: str, exc: BaseException) -> None:
         text = redact(f"{what}: {exc}")[:MAX_ERROR_CHARS]
@@ -179,11 +207,17 @@ class BufferLoop:
 
     # --- claim thread
 
+    def _pause_while_full(self, seconds: float) -> None:
+        """Wait ``seconds``, or less: until a claimed job is reported or claiming stops."""
+        with self._held_changed:
+            if not self._stop_claims.is_set():
+                self._held_changed.wait(seconds)
+
     def _claim_loop(self) -> None:
         failures = 0
         while not self._stop_claims.is_set():
-            if not self._ready() or self._busy():
-                self._stop_claims.wait(min(self.interval, 0.5))
+            if not self._ready() or self._busy() or self.held >= self.capacity:
+                self._pause_while_full(min(self.interval, 0.5))
                 continue
             try:
                 job = self.client.claim()
@@ -196,10 +230,26 @@ class BufferLoop:
             if job is None:
                 self._stop_claims.wait(self.interval)
                 continue
-            self.run_claimed(job)
+            started = self._start(job)
+            if started is not None:
+                # followed on its own thread, so the next claim need not wait for this job's end
+                follower = threading.Thread(target=self._follow, args=started, daemon=True,
+                                            name=f"buffer-job-{started[1]}"[:60])
+                with self._held_changed:
+                    self._following.add(follower)
+                follower.start()
 
     def run_claimed(self, job: dict[str, Any]) -> None:
-        """Render a claimed job on the shared render queue and report its outcome."""
+        """Render a claimed job on the shared render queue and report its outcome (in this thread)."""
+        started = self._start(job)
+        if started is not None:
+            self._follow(*started)
+
+    def _start(self, job: dict[str, Any]) -> tuple[TicketLike, str] | None:
+        """Queue a claimed job for rendering and hold its claim; None when it could not be queued.
+
+        Queued here, on the claim thread, before the next claim: the render queue then counts it, so the
+        next claim sees its slot taken."""
         buffer_job_id = str(job["buffer_job_id"])
         payload = {k: v for k, v in job.items() if k != "buffer_job_id"}
         log.info("claimed buffer job %s (job %s)", buffer_job_id, payload.get("musetalk_job_id"))
@@ -207,19 +257,32 @@ class BufferLoop:
             ticket = self._submit(payload, buffer_job_id)
         except Exception as exc:  # noqa: BLE001 — QueueClosed/QueueFull: we cannot run it
             self._note(f"buffer job {buffer_job_id} not started", exc)
-            return
-        outcome = self._wait(ticket, buffer_job_id)
-        if outcome is None:
-            return
-        if outcome.http_status == 503 and outcome.body.get("details", {}).get("reason") in SHUTDOWN_REASONS:
-            log.warning("buffer job %s not finished (worker shutting down); not reported, the orchestrator "
-                        "requeues it", buffer_job_id)
-            return
-        self.report(buffer_job_id, outcome.http_status, outcome.body)
+            return None
+        with self._held_changed:
+            self._held.add(buffer_job_id)
+        return ticket, buffer_job_id
+
+    def _follow(self, ticket: TicketLike, buffer_job_id: str) -> None:
+        """Wait for a claimed job's outcome and report it; its claim is released once that is done."""
+        try:
+            outcome = self._wait(ticket, buffer_job_id)
+            if outcome is None:
+                return
+            if outcome.http_status == 503 and outcome.body.get("details", {}).get("reason") in SHUTDOWN_REASONS:
+                log.warning("buffer job %s not finished (worker shutting down); not reported, the orchestrator "
+                            "requeues it", buffer_job_id)
+                return
+            self.report(buffer_job_id, outcome.http_status, outcome.body)
+        finally:
+            with self._held_changed:
+                self._held.discard(buffer_job_id)
+                self._following.discard(threading.current_thread())
+                self._held_changed.notify_all()
 
     def _wait(self, ticket: TicketLike, buffer_job_id: str) -> Any:
-        """The job's outcome; a render stuck far past its timeout is reported failed rather than awaited."""
-        while True:
+        """The job's outcome; a render stuck far past its timeout is reported failed rather than awaited;
+        None once the loop is stopped (its heartbeats end, so the orchestrator requeues the job)."""
+        while not self._stop_all.is_set():
             try:
                 return ticket.future.result(timeout=0.5)
             except FutureTimeout:
@@ -227,12 +290,12 @@ class BufferLoop:
             except Exception as exc:  # noqa: BLE001 — cancelled by the shutdown before it started
                 log.warning("buffer job %s ended without an outcome: %r", buffer_job_id, exc)
                 return None
-            # started: it is the render thread's current job, the one the service's stuck() measures
-            if ticket.started is not None and self._stuck():
+            if ticket.started is not None and self._stuck(ticket):
                 self._note(f"buffer job {buffer_job_id}", RuntimeError("render stuck past its timeout"))
                 self.report(buffer_job_id, 500, processing_failure("the render is stuck past MUSETALK_JOB_TIMEOUT_SEC",
                                                                    stage="inference"))
                 return None
+        return None
 
     def report(self, buffer_job_id: str, http_status: int, body: dict[str, Any]) -> bool:
         """Report the outcome (retried with backoff); a success always carries ``output_url``."""

@@ -1,5 +1,10 @@
-"""The single render thread of a worker process: jobs run one at a time, in arrival order (one GPU per
-process), with a bounded wait list, shutdown (close / wait_idle) and abandoning a stuck job."""
+"""The render threads of a worker process, one per GPU ("slot"): each slot runs one job at a time, jobs
+start in arrival order on whichever slot is free, with a bounded wait list, shutdown (close / wait_idle)
+and abandoning a stuck job. One slot (the default) is the single render thread of a one-GPU worker.
+
+Why one shared wait list rather than a queue per GPU: a job waits for the first GPU that frees up, never
+behind a long job on a GPU picked when it arrived. A ticket may be pinned to one slot (the warm-up of that
+slot's engine must run on its own thread)."""
 
 from __future__ import annotations
 
@@ -53,8 +58,10 @@ class Ticket:
     queue_job_id: str | None
     run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None  # None: the queue's own
     timeout: float | None = None  # how long it may run; None: the worker's job timeout
+    slot: int | None = None  # only this slot may run it; None: the first free one
     future: Future = field(default_factory=Future)
     started: float | None = None
+    ran_on: int | None = None  # the slot that took it
 
     @property
     def job_id(self) -> str | None:
@@ -62,58 +69,90 @@ class Ticket:
 
 
 class RenderQueue:
-    """The single render thread: jobs run one at a time, in arrival order (one GPU per process).
+    """``slots`` render threads sharing one FIFO wait list; each runs one job at a time.
 
-    ``run(job, queue_job_id)`` must return a :class:`JobOutcome`; it runs on the render thread only."""
+    ``run(job, queue_job_id)`` must return a :class:`JobOutcome`; it runs on a render thread only, where
+    :meth:`slot_index` says which slot it is. ``setup(index)`` runs first on each render thread (the
+    worker makes that slot's GPU the thread's current device there)."""
 
-    def __init__(self, run: Callable[[dict[str, Any], str | None], JobOutcome], *, max_queued: int = 4):
+    def __init__(self, run: Callable[[dict[str, Any], str | None], JobOutcome], *, max_queued: int = 4,
+                 slots: int = 1, setup: Callable[[int], None] | None = None):
+        if slots < 1:
+            raise ValueError("a render queue needs at least one slot")
         self._run = run
         self.max_queued = max_queued
+        self.slots = slots
+        self._setup = setup
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
-        self._current: Ticket | None = None
-        self._abandoned: Ticket | None = None
+        self._running: list[Ticket | None] = [None] * slots
+        self._abandoned: list[Ticket | None] = [None] * slots
         self._closed = False
+        self._here = threading.local()
         # daemon: an abandoned render stuck in native code must not keep the process alive at exit
-        self._thread = threading.Thread(target=self._loop, name="render", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True,
+                                          name="render" if slots == 1 else f"render-{i}") for i in range(slots)]
 
     # --- state
+
+    def _pending(self) -> int:
+        """Jobs rendering or waiting (cancelled ones not counted); call with the lock held."""
+        return (sum(1 for t in self._running if t is not None)
+                + sum(1 for t in self._waiting if not t.future.cancelled()))
 
     @property
     def busy(self) -> bool:
         """A job is rendering or waiting."""
         with self._cond:
-            return self._current is not None or any(not t.future.cancelled() for t in self._waiting)
+            return self._pending() > 0
+
+    @property
+    def full(self) -> bool:
+        """Every slot is taken (rendering, or promised to a job that waits): a new job would wait."""
+        with self._cond:
+            return self._pending() >= self.slots
 
     @property
     def current(self) -> Ticket | None:
-        return self._current
+        """A rendering ticket (the lowest slot's), or None when no slot renders."""
+        return next((t for t in self._running if t is not None), None)
 
-    def running_for(self) -> float:
-        """Seconds the current job has been rendering (0 when idle)."""
-        t = self._current
-        return time.monotonic() - t.started if t is not None and t.started is not None else 0.0
+    def running(self) -> list[Ticket]:
+        """The tickets rendering now, one per busy slot."""
+        return [t for t in list(self._running) if t is not None]
+
+    def running_for(self, ticket: Ticket | None = None) -> float:
+        """Seconds ``ticket`` has been rendering; without one, the longest-running job's (0 when idle)."""
+        now = time.monotonic()
+        tickets = [ticket] if ticket is not None else self.running()
+        return max((now - t.started for t in tickets if t.started is not None), default=0.0)
+
+    def slot_index(self) -> int | None:
+        """The slot of the calling render thread (None on any other thread)."""
+        return getattr(self._here, "index", None)
 
     # --- use
 
     def submit(self, job: dict[str, Any], queue_job_id: str | None = None, *,
                run: Callable[[dict[str, Any], str | None], JobOutcome] | None = None,
-               timeout: float | None = None) -> Ticket:
+               timeout: float | None = None, slot: int | None = None) -> Ticket:
         """Queue a job (run by ``run`` instead of the queue's own callable when given: other GPU work,
-        such as a benchmark, waits its turn like a render); raises QueueFull past the bound, QueueClosed
-        while shutting down."""
+        such as a benchmark, waits its turn like a render; ``slot`` pins it to that slot); raises
+        QueueFull past the bound, QueueClosed while shutting down."""
+        if slot is not None and not 0 <= slot < self.slots:
+            raise ValueError(f"no slot {slot} (this queue has {self.slots})")
         with self._cond:
             if self._closed:
                 raise QueueClosed("the worker is shutting down")
-            waiting = sum(1 for t in self._waiting if not t.future.cancelled())
-            pending = waiting + (self._current is not None)
-            if pending >= 1 + self.max_queued:
+            if self._pending() >= self.slots + self.max_queued:
+                waiting = sum(1 for t in self._waiting if not t.future.cancelled())
                 raise QueueFull(f"{waiting} job(s) already waiting for the GPU (MUSETALK_MAX_QUEUED="
                                 f"{self.max_queued})")
-            ticket = Ticket(dict(job), queue_job_id, run, timeout)
+            ticket = Ticket(dict(job), queue_job_id, run, timeout, slot)
             self._waiting.append(ticket)
-            if self._thread.ident is None:  # started on first use: an app that never serves has no thread
-                self._thread.start()
+            if self._threads[0].ident is None:  # started on first use: an app that never serves has none
+                for thread in self._threads:
+                    thread.start()
             self._cond.notify_all()
             return ticket
 
@@ -130,58 +169,81 @@ class RenderQueue:
         """Wait until nothing renders or waits (at most ``timeout`` s)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._current is not None or self._waiting:
+            while any(t is not None for t in self._running) or self._waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(left)
             return True
 
-    def abandon(self, wait: float = ABANDON_WAIT_SEC) -> bool:
-        """Raise :class:`JobAbandoned` in the render thread and wait for it to unwind; True when it did.
+    def abandon(self, wait: float = ABANDON_WAIT_SEC, ticket: Ticket | None = None) -> bool:
+        """Raise :class:`JobAbandoned` in the render thread of ``ticket`` (default: of every rendering job)
+        and wait for it to unwind; True when every one did.
 
         Raised once per job: a second exception could cut the first one's cleanup short."""
+        targets: list[Ticket] = []
         with self._cond:
-            ticket = self._current
-            if ticket is None:
-                return True
-            if self._abandoned is not ticket:
-                self._abandoned = ticket
-                log.warning("abandoning job %s after %.0f s of rendering", ticket.job_id, self.running_for())
-                _raise_in_thread(self._thread, JobAbandoned)
-        try:
-            ticket.future.exception(timeout=wait)
-            return True
-        except Exception:  # noqa: BLE001 — concurrent.futures.TimeoutError: still stuck in native code
-            log.error("job %s did not unwind within %.0f s; exiting anyway", ticket.job_id, wait)
-            return False
+            for i, current in enumerate(self._running):
+                if current is None or (ticket is not None and current is not ticket):
+                    continue
+                targets.append(current)
+                if self._abandoned[i] is not current:
+                    self._abandoned[i] = current
+                    log.warning("abandoning job %s after %.0f s of rendering", current.job_id,
+                                self.running_for(current))
+                    _raise_in_thread(self._threads[i], JobAbandoned)
+        deadline = time.monotonic() + wait
+        unwound = True
+        for target in targets:
+            try:
+                target.future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 — concurrent.futures.TimeoutError: still stuck in native code
+                log.error("job %s did not unwind within %.0f s; exiting anyway", target.job_id, wait)
+                unwound = False
+        return unwound
 
-    # --- the thread
+    # --- the threads
 
-    def _next(self) -> Ticket | None:
+    def _take(self, index: int) -> Ticket | None:
+        """The oldest waiting ticket slot ``index`` may run (unpinned, or pinned to it); lock held."""
+        for k, ticket in enumerate(self._waiting):
+            if ticket.slot is None or ticket.slot == index:
+                del self._waiting[k]
+                return ticket
+        return None
+
+    def _next(self, index: int) -> Ticket | None:
         with self._cond:
             while True:
-                while not self._waiting and not self._closed:
+                ticket = self._take(index)
+                if ticket is None:
+                    if self._closed:
+                        return None
                     self._cond.wait()
-                if not self._waiting:
-                    return None
-                ticket = self._waiting.popleft()
+                    continue
                 if ticket.future.set_running_or_notify_cancel():  # False: its caller gave up waiting
                     ticket.started = time.monotonic()
-                    self._current = ticket
+                    ticket.ran_on = index
+                    self._running[index] = ticket
                     return ticket
 
-    def _loop(self) -> None:
+    def _loop(self, index: int) -> None:
+        self._here.index = index
+        if self._setup is not None:
+            try:
+                self._setup(index)
+            except Exception:  # noqa: BLE001 — the jobs then fail on their own, with the reason
+                log.exception("render slot %d: setting up its thread failed", index)
         ticket: Ticket | None = None
         while True:
             try:
-                ticket = self._next()
+                ticket = self._next(index)
                 if ticket is None:
                     return
-                self._finish(ticket, self._run_ticket(ticket))
+                self._finish(index, ticket, self._run_ticket(ticket))
             except JobAbandoned:  # landed just after the job returned (see abandon): settle it, go on
                 if ticket is not None:
-                    self._finish(ticket, unavailable("abandoned", "the worker shut down", ticket.job_id))
+                    self._finish(index, ticket, unavailable("abandoned", "the worker shut down", ticket.job_id))
 
     def _run_ticket(self, ticket: Ticket) -> JobOutcome:
         try:
@@ -193,13 +255,13 @@ class RenderQueue:
             return failure_outcome(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)),
                                    stage="inference", job_id=ticket.job_id)
 
-    def _finish(self, ticket: Ticket, outcome: JobOutcome) -> None:
+    def _finish(self, index: int, ticket: Ticket, outcome: JobOutcome) -> None:
         with self._cond:
-            if self._current is ticket:
-                self._current = None
+            if self._running[index] is ticket:
+                self._running[index] = None
                 # abandon() schedules its exception only while this ticket is current: drop one not yet
                 # delivered, so it cannot hit the next job
-                _raise_in_thread(self._thread, None)
+                _raise_in_thread(self._threads[index], None)
             self._cond.notify_all()
         if not ticket.future.done():
             ticket.future.set_result(outcome)

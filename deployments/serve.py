@@ -1,6 +1,7 @@
 """The long-lived worker process: HTTP ``/hc`` + ``/generate`` (DESIGN §4), ``/benchmark`` (the benchmark
 flow's Salad jobs, :mod:`deployments.benchmark_job`) and, when ``BUFFER_WORKER_ID`` is set, the buffer
-heartbeat/claim loop (DESIGN §5), all over ONE warm engine.
+heartbeat/claim loop (DESIGN §5), all over warm engines: one per GPU it renders on (``MUSETALK_DEVICES``;
+unset: one, on ``MUSETALK_DEVICE``).
 
 Why one process: Prefect's ``flow.serve()`` and process workers start a fresh interpreter per flow run, which
 would reload the weights for every job. Here the ``generate`` flow is called in-process, so the engine loaded
@@ -10,21 +11,29 @@ Prefect API is configured; otherwise on Prefect's temporary server, started duri
 Threads, and why each exists:
 
 * uvicorn's event loop: HTTP only. It never renders, so ``/hc`` answers while a job runs.
-* ``engine-loader``: loads and warms the engine and Prefect's API at start-up, then ends; ``/hc`` is 503
-  until it has finished (the old worker answered ``/hc`` before the models were loaded).
-* ``render``: the single render thread (one GPU, :mod:`deployments.render_queue`). Jobs from HTTP (renders
-  and benchmarks) and from the buffer loop share its FIFO queue, so two never use the GPU at once; at most
-  ``MUSETALK_MAX_QUEUED`` wait, more get 503 (retryable).
-* buffer mode: ``buffer-heartbeat`` and ``buffer-claim`` (:mod:`deployments.buffer`).
+* ``engine-loader``: loads each slot's engine (one after another; each is warmed on its own render thread)
+  and Prefect's API at start-up, then ends. ``/hc`` is 503 until every slot is warm (the old worker
+  answered ``/hc`` before the models were loaded): a worker configured for four GPUs that says ready with
+  three would heartbeat a capacity it does not have, so one GPU that fails to load fails the worker, with
+  the device named in ``/hc`` and the heartbeat's error.
+* ``render`` (one GPU) or ``render-0`` … ``render-N`` (a *slot* per GPU, :mod:`deployments.render_queue`):
+  each owns one GPU and its engine, made that thread's current CUDA device, and renders one job at a
+  time. Jobs from HTTP (renders and benchmarks) and from the buffer loop share one FIFO wait list and start
+  on the first free slot, so two never use one GPU at once; at most ``MUSETALK_MAX_QUEUED`` wait beyond
+  the slots, more get 503 (retryable).
+* buffer mode: ``buffer-heartbeat``, ``buffer-claim`` and a ``buffer-job`` thread per claimed job
+  (:mod:`deployments.buffer`); up to ``BUFFER_CAPACITY`` claims at once (default and maximum: the slots).
 
 Per-job timeout: the flow runs with Prefect's ``timeout_seconds = MUSETALK_JOB_TIMEOUT_SEC`` (Prefect raises
 a cancellation inside the render thread, so the render unwinds: encoder aborted, temp dir removed, flow run
 ``TimedOut``). If the render is stuck in native code and does not unwind, the HTTP caller still gets its
-500 a margin later and ``/hc`` turns 503 (``stuck``) so the platform stops routing jobs here.
+500 a margin later and ``/hc`` turns 503 (``stuck``) so the platform stops routing jobs here (one stuck
+slot is enough: that GPU stays lost until the process restarts).
 
 Shutdown (SIGTERM): ``drain()`` first — ``/hc`` 503, no new jobs, queued jobs answered 503 (retryable),
 the buffer loop stops claiming — then the running job gets ``MUSETALK_SHUTDOWN_GRACE_SEC`` to finish;
 past that it is abandoned (an exception is raised in the render thread so it unwinds) and the process exits.
+With several slots each running job gets the same grace, and each is abandoned in its own thread.
 
 ``queue_job_id``: the ``Salad-Job-Id`` header of the Salad job-queue worker (the buffer loop passes its
 ``buffer_job_id``). ``SALAD_QUEUE_JOB_ID`` is NOT used as a fallback: it is a deployment-wide setting, and
@@ -43,6 +52,8 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import FastAPI, Header, Request
@@ -100,6 +111,7 @@ class ServeOptions(BaseSettings):
 # ----------------------------------------------------------------------------------------------- service
 
 
+# Called once per render slot with that slot's settings (``musetalk_device`` is the slot's device).
 EngineLoader = Callable[[Settings], Any]
 
 
@@ -108,23 +120,60 @@ def default_engine_loader(settings: Settings) -> Any:
     return get_engine(settings)
 
 
+def slot_devices(settings: Settings) -> list[str]:
+    """The device of each render slot: ``MUSETALK_DEVICES`` (``all``: every visible GPU), else one slot on
+    ``MUSETALK_DEVICE``. ``all`` without a GPU is one ``cuda`` slot, whose load then fails with the reason."""
+    devices = settings.device_list
+    if devices is None:
+        return [settings.musetalk_device]
+    if devices == "all":
+        from musetalk_engine.device import visible_gpus
+
+        return visible_gpus() or ["cuda"]
+    return list(devices)
+
+
+@dataclass
+class Slot:
+    """One render slot: a device, the settings its engine is built from, and (once loaded) the engine."""
+
+    index: int
+    device: str  # as configured: cpu, cuda:1, auto …
+    settings: Settings
+    instance: int  # how many earlier slots name the same device (CPU slots may repeat; each has its engine)
+    engine: Any = None
+    resolved: Any = None  # the torch.device, once the loader has checked that it exists
+
+
 Health = Literal["ok", "loading", "error", "stuck", "draining"]
 
 
 class WorkerService:
-    """State shared by the HTTP app and the buffer loop: warm-up, the render queue, drain/stop."""
+    """State shared by the HTTP app and the buffer loop: warm-up, the render slots and their queue,
+    drain/stop."""
 
     def __init__(self, settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
                  options: ServeOptions | None = None, prefect_warmup: Callable[[], Any] | None = None):
         self.settings = settings or get_settings()
         self.options = options or ServeOptions()
         self.job_timeout = float(self.settings.musetalk_job_timeout_sec)
-        self._engine_loader = engine_loader or default_engine_loader
+        self._engine_loader = engine_loader  # None: the process's cached engine per slot (get_engine)
         self._prefect_warmup = prefect_warmup or start_prefect_api
         # Prefect enforces the per-job timeout inside the flow run (see module docstring).
         self._flow = generate.with_options(timeout_seconds=self.job_timeout)
-        self.queue = RenderQueue(self._run_job, max_queued=self.options.musetalk_max_queued)
-        self.engine: Any = None
+        devices = slot_devices(self.settings)
+        self.slots = [Slot(i, name, self._settings_on(name), devices[:i].count(name))
+                      for i, name in enumerate(devices)]
+        self.queue = RenderQueue(self._run_job, max_queued=self.options.musetalk_max_queued,
+                                 slots=len(self.slots), setup=self._enter_slot)
+        # claims the buffer loop may hold at once: BUFFER_CAPACITY, at most (and by default) one per slot
+        self.buffer_capacity = self.settings.buffer_claims(len(self.slots))
+        asked = self.settings.buffer_capacity
+        if asked > self.buffer_capacity:
+            log.warning("BUFFER_CAPACITY=%d but this process has %d render slot(s) (MUSETALK_DEVICES); it claims "
+                        "at most %d job(s) at once", asked, len(self.slots), self.buffer_capacity)
+        if len(self.slots) > 1:
+            log.info("%d render slots: %s", len(self.slots), ", ".join(slot.device for slot in self.slots))
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._draining = threading.Event()
@@ -152,6 +201,21 @@ class WorkerService:
         return self._draining.is_set()
 
     @property
+    def engine(self) -> Any:
+        """The first slot's engine (the only one of a one-GPU worker); None until it is loaded."""
+        return self.slots[0].engine
+
+    @property
+    def engines(self) -> list[Any]:
+        """Every slot's engine, in slot order (None where not loaded yet)."""
+        return [slot.engine for slot in self.slots]
+
+    def slot_here(self) -> Slot:
+        """The slot of the calling render thread (the first slot on any other thread)."""
+        index = self.queue.slot_index()
+        return self.slots[index if index is not None else 0]
+
+    @property
     def gpu_class(self) -> str | None:
         gpu = getattr(self.engine, "gpu", None) or {}
         return self.settings.gpu_class_name or gpu.get("name")
@@ -160,9 +224,29 @@ class WorkerService:
         """How long ``ticket`` may run: its own timeout, else MUSETALK_JOB_TIMEOUT_SEC."""
         return (ticket.timeout if ticket is not None and ticket.timeout else None) or self.job_timeout
 
+    def ticket_stuck(self, ticket: Any) -> bool:
+        """``ticket`` has rendered for longer than its timeout and the stuck grace."""
+        return (getattr(ticket, "started", None) is not None
+                and self.queue.running_for(ticket) > self.timeout_of(ticket) + self.options.musetalk_stuck_grace_sec)
+
     def stuck(self) -> bool:
-        timeout = self.timeout_of(self.queue.current)
-        return self.queue.running_for() > timeout + self.options.musetalk_stuck_grace_sec
+        """Some slot is stuck on a job (see the module docstring: one is enough)."""
+        return any(self.ticket_stuck(ticket) for ticket in self.queue.running())
+
+    def _settings_on(self, device: str) -> Settings:
+        """The settings of an engine on ``device`` (the process's own when that is its device already)."""
+        if device == self.settings.musetalk_device:
+            return self.settings
+        return self.settings.model_copy(update={"musetalk_device": device})
+
+    def _enter_slot(self, index: int) -> None:
+        """First thing on slot ``index``'s render thread: its GPU becomes the thread's current device, so
+        anything a job does on the GPU outside the engine's own device scopes lands on that GPU too."""
+        device = self.slots[index].resolved
+        if device is not None:
+            from musetalk_engine.device import make_current
+
+            make_current(device)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) of ``/hc``."""
@@ -174,6 +258,9 @@ class WorkerService:
             status, detail = "error", self.load_error
         elif not self.ready:
             status, detail = "loading", "loading and warming the models"
+            if len(self.slots) > 1:
+                warm = sum(1 for engine in self.engines if engine is not None)
+                detail += f" ({warm} of {len(self.slots)} render slots ready)"
         elif self.stuck():
             status = "stuck"
             detail = f"a render has run {self.queue.running_for():.0f} s, past the job timeout"
@@ -219,22 +306,36 @@ class WorkerService:
         interrupted), and shutdown is honoured between steps."""
         started = time.perf_counter()
         self._sweep_workspaces()
+        where = ""  # which slot failed, when there are several
         try:
             if self._cancel_load.is_set():
                 return
-            engine = self._engine_loader(self.settings)
-            if self._cancel_load.is_set():
-                return
-            if not getattr(engine, "warm", False):
-                self._warm_on_render_thread(engine)
-            self.engine = engine
+            from musetalk_engine.device import resolve_device
+
+            # every device checked before any weights load: a missing GPU fails in a second, not after the
+            # other slots' engines have loaded
+            for slot in self.slots:
+                where = f"{slot.device}: " if len(self.slots) > 1 else ""
+                slot.resolved = resolve_device(slot.device)
+            for slot in self.slots:
+                where = f"{slot.device}: " if len(self.slots) > 1 else ""
+                if self._cancel_load.is_set():
+                    return
+                engine = self._load_engine(slot)
+                if self._cancel_load.is_set():
+                    return
+                if not getattr(engine, "warm", False):
+                    self._warm_on_render_thread(engine, slot.index)
+                slot.engine = engine
+            where = ""
             if self._cancel_load.is_set():
                 return
             api = self._prefect_warmup()
-            log.info("worker ready in %.1f s (Prefect API %s)", time.perf_counter() - started, api)
+            log.info("worker ready in %.1f s (Prefect API %s, %d render slot(s))", time.perf_counter() - started,
+                     api, len(self.slots))
             self._ready.set()
         except Exception as exc:  # noqa: BLE001 — reported by /hc and the heartbeat, never a silent death
-            self.load_error = redact(f"{type(exc).__name__}: {exc}")[:500]
+            self.load_error = redact(f"{where}{type(exc).__name__}: {exc}")[:500]
             log.error("worker failed to start: %s", self.load_error)
         finally:
             if self._cancel_load.is_set() and not self._ready.is_set():
@@ -253,7 +354,12 @@ class WorkerService:
             log.warning("the model loader is still running after %.0f s", timeout)
         return not loader.is_alive()
 
-    def _warm_on_render_thread(self, engine: Any) -> None:
+    def _load_engine(self, slot: Slot) -> Any:
+        if self._engine_loader is not None:
+            return self._engine_loader(slot.settings)
+        return get_engine(slot.settings, instance=slot.instance)
+
+    def _warm_on_render_thread(self, engine: Any, slot: int = 0) -> None:
         """Warm up on the thread that will render: CUDA graph trees (``compiled`` mode) and the current
         device are per thread, so a warm-up elsewhere would be paid again by the first job."""
         failed: list[Exception] = []
@@ -265,7 +371,7 @@ class WorkerService:
                 failed.append(exc)
             return JobOutcome(http_status=200 if not failed else 500, body={})
 
-        self.queue.submit({}, None, run=warm).future.result()
+        self.queue.submit({}, None, run=warm, slot=slot).future.result()
         if failed:
             raise failed[0]
 
@@ -291,7 +397,7 @@ class WorkerService:
         self._cancel_load.set()
 
     def stop(self) -> None:
-        """Drain, let the running job finish within the grace period, else abandon it; stop buffer mode."""
+        """Drain, let the running jobs finish within the grace period, else abandon them; stop buffer mode."""
         self.drain()
         grace = self.options.musetalk_shutdown_grace_sec
         deadline = (self._drain_started or time.monotonic()) + grace
@@ -310,15 +416,16 @@ class WorkerService:
     # --- the render thread's work
 
     def _run_job(self, job: dict[str, Any], queue_job_id: str | None) -> JobOutcome:
-        """One job as a real `generate` flow run, in this thread (the engine stays warm)."""
+        """One job as a real `generate` flow run, in this render thread, on its slot's warm engine."""
         job_id = job.get("musetalk_job_id")
         if self.draining:
             return unavailable("draining", "the worker is shutting down", job_id)
+        engine = self.slot_here().engine
         try:
             # The orchestrator's run of this job carries `job:{id}`; this process's own run of it is an
             # attempt of that job, never a second `job:` run (DESIGN §11). The flow's tasks use this warm
             # engine, not one of their own.
-            with tags(f"attempt-of:{job_id}") if job_id else nullcontext(), serving(self.engine):
+            with tags(f"attempt-of:{job_id}") if job_id else nullcontext(), serving(engine):
                 state = self._flow(job, queue_job_id, return_state=True)
         except Exception as exc:  # noqa: BLE001 — the flow could not run at all (e.g. Prefect API down)
             log.exception("job %s: the generate flow could not run", job_id)
@@ -393,7 +500,8 @@ class WorkerService:
             elif self.grace_over() and not abandoning:
                 # abandon here, within uvicorn's graceful window, so the caller still gets its 503
                 abandoning = True
-                asyncio.get_running_loop().run_in_executor(None, self.queue.abandon, ABANDON_WAIT_SEC)
+                asyncio.get_running_loop().run_in_executor(None, partial(self.queue.abandon, ABANDON_WAIT_SEC,
+                                                                         ticket))
             elif time.monotonic() - ticket.started > self.timeout_of(ticket) + TIMEOUT_MARGIN_SEC:
                 log.error("job %s: no outcome %.0f s past its timeout; answering 500, render thread stuck",
                           ticket.job_id, TIMEOUT_MARGIN_SEC)
@@ -483,11 +591,15 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
             job: BenchmarkJob,
             salad_job_id: Annotated[str | None, Header(alias="Salad-Job-Id")] = None) -> JSONResponse:
         timeout = service.options.musetalk_benchmark_timeout_sec
-        cuda = getattr(getattr(service.engine, "device", None), "type", "cpu") == "cuda"
 
         def measure(payload: dict[str, Any], _queue_job_id: str | None) -> JobOutcome:
+            # on a render thread: the GPU measured is that slot's, while the other slots go on rendering
+            engine = service.slot_here().engine
+            device = getattr(engine, "device", None)
+            cuda = getattr(device, "type", "cpu") == "cuda"
             return run_benchmark_job(payload, service.settings, timeout, cuda=cuda,
-                                     release=getattr(service.engine, "release_gpu_memory", None))
+                                     device=str(device) if cuda else None,
+                                     release=getattr(engine, "release_gpu_memory", None))
 
         return _response(await service.take(job.model_dump(mode="json"), salad_job_id, run=measure,
                                             timeout=timeout))

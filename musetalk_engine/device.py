@@ -81,3 +81,18 @@ def empty_caches(device: torch.device) -> None:
     empty_host = getattr(torch.accelerator, "empty_host_cache", None)
     if empty_host is not None and torch.cuda.is_available():
         empty_host()
+
+
+def visible_gpus() -> list[str]:
+    """``cuda:0 … cuda:N-1`` for every GPU this process sees (none without CUDA): what ``MUSETALK_DEVICES=all``
+    means."""
+    if not torch.cuda.is_available():
+        return []
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def make_current(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device for good (a render thread that only ever
+    works for that GPU; nothing to do on the CPU). :func:`device_scope` is the scoped form."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else 0)

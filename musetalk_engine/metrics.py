@@ -94,7 +94,9 @@ class PeakRss:
 
     Linux keeps the exact peak (``VmHWM``) and lets a process reset it (``5`` into /proc/self/clear_refs);
     where that is refused, a thread samples ``VmRSS`` every ``interval`` (short spikes may slip between
-    samples). One block at a time per process: the serve process renders one job at a time."""
+    samples). Blocks may overlap (a serve process with several render slots): each then reports the
+    process's peak while it ran, other jobs' memory included (a later block's reset leaves the sampled
+    floor); threads share one address space, so no finer split exists."""
 
     def __init__(self, interval: float = 0.05):
         self.interval = interval

@@ -52,14 +52,16 @@ def serving(engine: Engine) -> Iterator[Engine]:
         _serving.reset(token)
 
 
-def get_engine(settings: Settings | None = None) -> Engine:
+def get_engine(settings: Settings | None = None, *, instance: int = 0) -> Engine:
     """The engine of this job: the serving one inside :func:`serving`, else the process's engine for
-    ``settings`` (default: the environment's), loaded on first use only."""
+    ``settings`` (default: the environment's), loaded on first use only. ``instance`` tells apart engines
+    of one configuration that must not be shared: a serve process with two render slots on the CPU gives
+    each its own (an engine renders one job at a time)."""
     engine = _serving.get()
     if engine is not None:
         return engine
     config = engine_config(settings or get_settings())
-    key = config.model_dump_json()
+    key = config.model_dump_json() + (f"#{instance}" if instance else "")
     with _lock:
         engine = _engines.get(key)
         if engine is None:

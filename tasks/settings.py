@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,6 +79,8 @@ class Settings(BaseSettings):
     internal_api_key: SecretStr | None = None
     buffer_worker_id: str | None = None
     gpu_class_name: str | None = None
+    # Claims held at once by this worker's buffer loop. Unset: one per render slot (MUSETALK_DEVICES), so 1 on
+    # a one-GPU worker; never more than the slots (see buffer_claims).
     buffer_capacity: int = Field(1, ge=1)
     buffer_poll_interval_sec: float = Field(10.0, gt=0)
 
@@ -144,6 +147,11 @@ class Settings(BaseSettings):
     # auto | cpu | cuda | cuda:N. The image sets cuda: a worker whose GPU is missing then fails to load
     # (``/hc`` stays 503 with the reason) instead of rendering on the CPU
     musetalk_device: str = "auto"
+    # `musetalk-flow serve` only: the GPUs one serve process renders on, with one warm engine and one render
+    # thread ("slot") each. A comma list of cpu | cuda | cuda:N (a GPU at most once; cpu may repeat, for
+    # development and tests), or ``all`` for every GPU the process sees (CUDA_VISIBLE_DEVICES applies).
+    # Unset: one slot on MUSETALK_DEVICE. Prefect process workers and the CLI use MUSETALK_DEVICE alone.
+    musetalk_devices: str = ""
     # Where the per-GPU locks live (one file per GPU UUID): every process rendering on this machine's GPUs
     # must see the same directory (mount it into each container), so two never render on one GPU at once.
     musetalk_gpu_lock_dir: Path = DEFAULT_LOCK_DIR
@@ -164,12 +172,16 @@ class Settings(BaseSettings):
         # only reports a missing file, would otherwise pay; the default needs no check
         if value == "auto":
             return value
-        import re
-
         from musetalk_engine.device import DEVICE_PATTERN
 
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError(f"MUSETALK_DEVICE {value!r}: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("musetalk_devices")
+    @classmethod
+    def _valid_devices(cls, value: str) -> str:
+        parse_devices(value)  # a typo fails at start, not at the first job
         return value
 
     @field_validator("musetalk_private_url_allowlist")
@@ -183,6 +195,17 @@ class Settings(BaseSettings):
     def private_url_allowlist(self) -> "PrivateAllowlist":
         """The parsed ``MUSETALK_PRIVATE_URL_ALLOWLIST``."""
         return parse_allowlist(self.musetalk_private_url_allowlist)
+
+    @property
+    def device_list(self) -> list[str] | Literal["all"] | None:
+        """The parsed ``MUSETALK_DEVICES``: device names, ``"all"``, or None when unset."""
+        return parse_devices(self.musetalk_devices)
+
+    def buffer_claims(self, slots: int) -> int:
+        """Claims the buffer loop may hold at once on a serve process with ``slots`` render slots:
+        ``BUFFER_CAPACITY`` when it is set, else one per slot; never more than the slots."""
+        asked = self.buffer_capacity if "buffer_capacity" in self.model_fields_set else slots
+        return max(1, min(asked, slots))
 
     @property
     def orchestrator_url(self) -> str | None:
@@ -225,6 +248,33 @@ class Settings(BaseSettings):
         """An absolute path: relative paths are taken relative to ``MUSETALK_WORKDIR``."""
         path = Path(path).expanduser()
         return path if path.is_absolute() else self.musetalk_workdir / path
+
+
+DEVICES_ENV = "MUSETALK_DEVICES"
+_SLOT_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def parse_devices(text: str) -> list[str] | Literal["all"] | None:
+    """``"cuda:0, cuda:1"`` → ``["cuda:0", "cuda:1"]``; ``"all"`` → ``"all"``; empty → None.
+
+    ``cuda`` is written ``cuda:0`` (the same GPU, so a list naming both is refused like any repeated GPU);
+    ``cpu`` may repeat (each slot then renders on the shared cores). No torch here: ``all`` is counted by
+    the serve process."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == "all":
+        return "all"
+    names = []
+    for raw in text.split(","):
+        name = raw.strip().lower()
+        if not _SLOT_DEVICE.fullmatch(name):
+            raise ValueError(f"{DEVICES_ENV}: {raw.strip()!r} is not cpu, cuda or cuda:N (or use 'all' alone)")
+        name = "cuda:0" if name == "cuda" else f"cuda:{int(name[5:])}" if name.startswith("cuda:") else name
+        if name != "cpu" and name in names:
+            raise ValueError(f"{DEVICES_ENV}: {name} is listed twice; one GPU takes one render slot")
+        names.append(name)
+    return names
 
 
 ALLOWLIST_ENV = "MUSETALK_PRIVATE_URL_ALLOWLIST"
