@@ -331,15 +331,13 @@ def cmd_up(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    """Work pool, prioritised queues and the generate/batch deployments on the Prefect server."""
-    from deployments.workpool import deploy
+    """Work pools, prioritised queues and every deployment of deployments/prefect.yaml."""
+    from deployments.workpool import CONTROL_POOL, deploy
 
-    for name, deployment_id in deploy(args.pool, pool_limit=args.pool_limit).items():
-        print(f"deployed {name} ({deployment_id}) to work pool {args.pool!r}")
-    from deployments.scale_schedule import CONTROL_POOL, INTERVAL_S, deploy_scale
-
-    scale_id = deploy_scale(CONTROL_POOL, targets_path=args.targets)
-    print(f"deployed scale/salad-autoscale ({scale_id}) every {INTERVAL_S:g} s to work pool {CONTROL_POOL!r}")
+    ids = deploy(args.pool, pool_limit=args.pool_limit,
+                 parameters={"salad-autoscale": {"targets_path": args.targets}})
+    for name, deployment_id in sorted(ids.items()):
+        print(f"deployed {name} ({deployment_id})")
     print(f"start one worker per GPU: prefect worker start --pool {args.pool} --limit 1")
     print(f"start the control-plane worker where SALAD_* are set: prefect worker start --pool {CONTROL_POOL}")
     return 0
@@ -467,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_batch)
 
     dp = sub.add_parser("deploy", parents=[common],
-                        help="create the GPU work pool, its queues and the generate/batch deployments")
-    dp.add_argument("--pool", default="gpu", help="work pool name (default gpu)")
+                        help="create the work pools, their queues and the deployments of deployments/prefect.yaml")
+    dp.add_argument("--pool", default="gpu", help="work pool of the GPU deployments (default gpu)")
     dp.add_argument("--pool-limit", type=int, default=None, help="fleet-wide cap on concurrent runs")
     dp.add_argument("--targets", default="gpu_targets.json",
                     help="GPU classes the scheduled scale flow sizes (path as the control worker sees it)")

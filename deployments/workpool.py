@@ -1,65 +1,44 @@
-"""Work pool, queues and deployments of the GPU fleet, with Prefect's Python API.
+"""Work pools and queues of the fleet, then the deployments of ``deployments/prefect.yaml`` through Prefect's
+own ``prefect deploy`` — ``musetalk-flow deploy`` in one call.
 
-Does what ``deployments/prefect.yaml`` + ``prefect work-pool create`` / ``prefect work-queue create`` do,
-from one call (``musetalk-flow deploy``):
+``prefect.yaml`` is the one definition of the deployments (which flow, name, pool, queue, schedule,
+parameters, and the pull step); nothing here lists them again. What the YAML format cannot hold lives here:
+the pools themselves and their queues' priorities, which ``prefect deploy`` requires to exist already.
 
-- a ``process`` work pool ``gpu``: workers run each flow run in a fresh interpreter on their machine;
-- queues ``urgent`` (priority 1) and ``default`` (priority 10): a free worker always takes urgent runs first;
-- deployments ``generate/gpu``, ``batch/gpu`` on ``default`` and ``generate/urgent``, ``batch/urgent`` on
-  ``urgent`` (``prefect deployment run`` has no queue option, so urgency is a deployment);
-- the orchestrator's other routes (DESIGN §11): ``generate/buffer`` in pool ``buffer`` (no Prefect worker
-  polls it: buffer GPUs claim its runs from the orchestrator and are recorded as its workers) and
-  ``generate/salad`` in pool ``salad`` (one queue per Salad GPU class, dispatched to Salad job queues).
+- every pool the YAML names is a ``process`` pool: workers run each flow run in a fresh interpreter;
+- its queues are ``urgent`` (priority 1) and ``default`` (priority 10), so a free worker always takes
+  urgent runs first — except the ``control`` pool's one ``default`` queue (scheduled control-plane flows);
+- ``deploy(pool=…)`` puts the YAML's ``gpu`` deployments into another pool (a second fleet, a test).
 
 One render per GPU is a property of the *worker*, not of the pool: pool and queue concurrency limits are
 fleet-wide totals (a pool limit of 1 would let one machine of the whole fleet work). Each GPU gets one
 worker started with ``--limit 1``; multi-GPU machines start one worker per GPU (``CUDA_VISIBLE_DEVICES``).
 
-The code is found through a pull step (:func:`enter_repo`) that changes into the directory holding
-``flows/`` on the worker's machine (the installed project, or ``$MUSETALK_REPO_DIR``), so deployments made
-on one machine run on any machine that has the project installed, whatever its path."""
+The code is found through the YAML's pull step (:func:`enter_repo`), which changes into the directory
+holding ``flows/`` on the worker's machine (the installed project, or ``$MUSETALK_REPO_DIR``), so
+deployments made on one machine run on any machine that has the project installed, whatever its path."""
 
 from __future__ import annotations
 
+import copy
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Mapping
 from uuid import UUID
 
 POOL_NAME = "gpu"
-POOL_TYPE = "process"
-QUEUES: dict[str, int] = {"urgent": 1, "default": 10}  # lower number = served first
 BUFFER_POOL = "buffer"
 SALAD_POOL = "salad"
-ENTRYPOINTS = {"generate": "flows/generate.py:generate", "batch": "flows/batch.py:batch"}
+CONTROL_POOL = "control"
+POOL_TYPE = "process"
+QUEUES: dict[str, int] = {"urgent": 1, "default": 10}  # lower number = served first
+# A pool of scheduled control-plane flows has no urgent lane.
+POOL_QUEUES: dict[str, dict[str, int]] = {CONTROL_POOL: {"default": 1}}
 PULL_STEP = "deployments.workpool.enter_repo"
-
-
-@dataclass(frozen=True)
-class DeploymentSpec:
-    flow: str  # key of ENTRYPOINTS
-    name: str
-    queue: str
-    description: str
-    pool: str | None = None  # None: the GPU pool ``deploy`` is given
-
-    @property
-    def full_name(self) -> str:
-        return f"{self.flow}/{self.name}"
-
-
-DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
-    DeploymentSpec("generate", "gpu", "default", "One lip-sync job on a GPU worker."),
-    DeploymentSpec("generate", "urgent", "urgent", "One lip-sync job, ahead of everything on the default queue."),
-    DeploymentSpec("batch", "gpu", "default", "A manifest of jobs on one warm engine; fan_out spreads it."),
-    DeploymentSpec("batch", "urgent", "urgent", "A batch ahead of everything on the default queue."),
-    DeploymentSpec("generate", "buffer", "default", "A job for the buffer GPUs: claimed over the orchestrator's "
-                   "protocol, never polled by a Prefect worker.", pool=BUFFER_POOL),
-    DeploymentSpec("generate", "salad", "default", "A job for SaladCloud: the orchestrator submits it to the Salad "
-                   "job queue of the GPU class its work queue names.", pool=SALAD_POOL),
-)
+DEPLOY_TIMEOUT_S = 600.0
 
 
 # ----------------------------------------------------------------------------------------- code location
@@ -67,6 +46,10 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
 def repo_root() -> Path:
     """The directory holding ``flows/`` and ``deployments/`` in this installation."""
     return Path(__file__).resolve().parent.parent
+
+
+def prefect_file() -> Path:
+    return repo_root() / "deployments" / "prefect.yaml"
 
 
 def enter_repo(directory: str | None = None) -> dict[str, str]:
@@ -81,42 +64,34 @@ def enter_repo(directory: str | None = None) -> dict[str, str]:
     return {"directory": str(target)}
 
 
-class PullSteps:
-    """Deployment storage that only records pull steps (the code is already on every worker)."""
+# ------------------------------------------------------------------------------------------ definitions
 
-    def __init__(self, steps: list[dict[str, Any]]):
-        self.steps = steps
-        self._base = repo_root()
+def load_definition(path: Path | None = None) -> dict[str, Any]:
+    """``prefect.yaml`` as Prefect reads it (YAML anchors resolved)."""
+    import yaml
 
-    def set_base_path(self, path: Path) -> None:
-        self._base = path
-
-    @property
-    def destination(self) -> Path:
-        return self._base
-
-    @property
-    def pull_interval(self) -> int | None:
-        return None
-
-    async def pull_code(self) -> None:  # nothing to fetch: the project is installed
-        return None
-
-    def to_pull_step(self) -> list[dict[str, Any]]:
-        return self.steps
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PullSteps) and other.steps == self.steps
+    return yaml.safe_load((path or prefect_file()).read_text(encoding="utf-8"))
 
 
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    before = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
+def definition_for(pool: str = POOL_NAME, job_variables: Mapping[str, Any] | None = None,
+                   parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML with the ``gpu`` deployments moved to ``pool``, ``job_variables`` added to every deployment
+    and ``parameters`` (keyed by deployment name, e.g. ``salad-autoscale``) merged into theirs."""
+    definition = copy.deepcopy(source if source is not None else load_definition())
+    for entry in definition["deployments"]:
+        work_pool = entry.setdefault("work_pool", {})
+        if work_pool.get("name") == POOL_NAME:
+            work_pool["name"] = pool
+        work_pool["job_variables"] = {**(work_pool.get("job_variables") or {}), **(job_variables or {})}
+        if parameters and entry["name"] in parameters:
+            entry["parameters"] = {**(entry.get("parameters") or {}), **parameters[entry["name"]]}
+    return definition
+
+
+def pools_of(definition: dict[str, Any]) -> list[str]:
+    """Every work pool the definition's deployments name, in order of first mention."""
+    return list(dict.fromkeys(entry["work_pool"]["name"] for entry in definition["deployments"]))
 
 
 # ------------------------------------------------------------------------------------------ pool + queues
@@ -132,7 +107,7 @@ def ensure_work_pool(pool: str = POOL_NAME, queues: dict[str, int] | None = None
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
-    queues = QUEUES if queues is None else queues
+    queues = POOL_QUEUES.get(pool, QUEUES) if queues is None else queues
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -156,20 +131,50 @@ def ensure_work_pool(pool: str = POOL_NAME, queues: dict[str, int] | None = None
 
 # ------------------------------------------------------------------------------------------- deployments
 
-def deploy(pool: str = POOL_NAME, specs: Sequence[DeploymentSpec] = DEPLOYMENTS,
-           job_variables: dict[str, Any] | None = None, pool_limit: int | None = None) -> dict[str, UUID]:
-    """Register the deployments (creating pool and queues first); ``{"batch/gpu": id, ...}``."""
-    from prefect.deployments.runner import RunnerDeployment
+def deploy(pool: str = POOL_NAME, job_variables: dict[str, Any] | None = None, pool_limit: int | None = None,
+           parameters: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, UUID]:
+    """Create the pools and queues, then apply ``prefect.yaml`` with ``prefect deploy --all``;
+    ``{"batch/gpu": id, ...}`` for every deployment it defines. See :func:`definition_for` for the
+    arguments; ``pool_limit`` caps ``pool`` (the GPU pool)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    ensure_work_pool(pool, concurrency_limit=pool_limit)
-    for other in sorted({spec.pool for spec in specs if spec.pool and spec.pool != pool}):
-        ensure_work_pool(other)
-    ids: dict[str, UUID] = {}
-    with _cwd(repo_root()):  # entrypoints are stored relative to the project directory
-        for spec in specs:
-            deployment = RunnerDeployment.from_entrypoint(
-                ENTRYPOINTS[spec.flow], name=spec.name, work_pool_name=spec.pool or pool, work_queue_name=spec.queue,
-                description=spec.description, tags=["musetalk"], job_variables=dict(job_variables or {}))
-            deployment.storage = PullSteps([{PULL_STEP: {}}])
-            ids[spec.full_name] = deployment.apply()
+    definition = definition_for(pool, job_variables, parameters)
+    for name in pools_of(definition):
+        ensure_work_pool(name, concurrency_limit=pool_limit if name == pool else None)
+    with get_client(sync_client=True) as client:
+        # the child must reach this process's server, also when it is Prefect's temporary one
+        api_url = str(client.api_url)
+        run_prefect_deploy(definition, api_url)
+        wanted = {(e["entrypoint"], e["name"], e["work_pool"]["name"]) for e in definition["deployments"]}
+        found = client.read_deployments(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=sorted({e["name"] for e in definition["deployments"]}))))
+        flow_names: dict[UUID, str] = {}
+        ids: dict[str, UUID] = {}
+        for d in found:
+            if (d.entrypoint, d.name, d.work_pool_name) in wanted:
+                if d.flow_id not in flow_names:
+                    flow_names[d.flow_id] = client.read_flow(d.flow_id).name
+                ids[f"{flow_names[d.flow_id]}/{d.name}"] = d.id
+    if len(ids) != len(wanted):
+        raise RuntimeError(f"prefect deploy registered {sorted(ids)}; {len(wanted)} deployments expected")
     return ids
+
+
+def run_prefect_deploy(definition: dict[str, Any], api_url: str) -> str:
+    """``prefect --no-prompt deploy --all`` on ``definition``, from the project directory (entrypoints are
+    relative to it); its output. Prefect's CLI is its supported way to turn a prefect.yaml, pull steps
+    included, into deployments."""
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="musetalk-deploy-") as tmp:
+        path = Path(tmp) / "prefect.yaml"
+        path.write_text(yaml.safe_dump(definition, sort_keys=False), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
+            cwd=repo_root(), env={**os.environ, "PREFECT_API_URL": api_url}, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_S)
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{out[-3000:]}")
+    return out

@@ -2,8 +2,8 @@
 
 One pass reads, per class of gpu_targets.json, the unfinished runs of route ``salad:<class id>`` in
 Prefect and the class's Salad queue length, decides (tasks.scaling, module doc) and PATCHes only the
-groups whose replica count changes. ``musetalk-flow deploy`` registers it on a schedule
-(deployments/scale_schedule.py). Salad credentials come from the environment of the worker that runs it
+groups whose replica count changes. Its deployment, ``scale/salad-autoscale``, runs it on a schedule
+(deployments/prefect.yaml). Salad credentials come from the environment of the worker that runs it
 (SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME), never from parameters; without them the pass does
 nothing and says so.
 """

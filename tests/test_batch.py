@@ -359,21 +359,34 @@ def test_cli_batch_reports_failures(env, tmp_path, capsys):
 # --------------------------------------------------------------------- deployments (Python API)
 
 def test_workpool_deploy_creates_pool_queues_and_deployments(env):
-    """`deployments.workpool.deploy` against the temporary server: idempotent, prioritised queues, the
-    pull step that finds the project on any machine, entrypoints relative to it."""
+    """`deployments.workpool.deploy` against the temporary server: idempotent, prioritised queues, every
+    deployment of prefect.yaml (the one definition) with the pull step that finds the project on any
+    machine, entrypoints relative to it."""
     from prefect.client.orchestration import get_client
 
-    from deployments.workpool import DEPLOYMENTS, PULL_STEP, deploy, enter_repo, repo_root
+    from deployments.workpool import (CONTROL_POOL, PULL_STEP, deploy, enter_repo, load_definition,
+                                      repo_root)
 
+    definition = load_definition()
     ids = deploy(pool="gpu-test")
     assert deploy(pool="gpu-test") == ids  # a second deploy updates in place
+    assert {"generate/gpu", "generate/urgent", "batch/gpu", "batch/urgent", "generate/buffer",
+            "generate/salad", "scale/salad-autoscale"} <= set(ids)
+    assert len(ids) == len(definition["deployments"])
+    assert definition["pull"] == [{PULL_STEP: {}}]
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("gpu-test").type == "process"
         queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="gpu-test")}
         assert queues == {"urgent": 1, "default": 10}
-        for spec in DEPLOYMENTS:
-            d = client.read_deployment_by_name(spec.full_name)
-            assert d.work_pool_name == (spec.pool or "gpu-test") and d.work_queue_name == spec.queue
+        assert {q.name for q in client.read_work_queues(work_pool_name=CONTROL_POOL)} == {"default"}
+        for full_name, deployment_id in ids.items():
+            d = client.read_deployment(deployment_id)
+            assert f"{client.read_flow(d.flow_id).name}/{d.name}" == full_name
+            spec = next(e for e in definition["deployments"]
+                        if e["entrypoint"] == d.entrypoint and e["name"] == d.name)
+            pool = spec["work_pool"]["name"]
+            assert d.work_pool_name == ("gpu-test" if pool == "gpu" else pool)
+            assert d.work_queue_name == spec["work_pool"]["work_queue_name"]
             assert d.pull_steps == [{PULL_STEP: {}}]
             assert (repo_root() / d.entrypoint.split(":")[0]).is_file()
     cwd = os.getcwd()

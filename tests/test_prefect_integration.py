@@ -1,6 +1,6 @@
 """The fleet path end to end, every process real and on 127.0.0.1:
 
-- one machine: `prefect server start` (SQLite), the work pool and queues made with the Prefect CLI,
+- one machine: `prefect server start` (SQLite), the work pools and queues, then
   `prefect deploy --all --prefect-file deployments/prefect.yaml`, one `prefect worker start --limit 1`, and a
   3-job batch started with `prefect deployment run 'batch/gpu' --params ...`;
 - the scale path: the server on a throwaway PostgreSQL, deployments made with `musetalk-flow deploy` (the
@@ -240,6 +240,10 @@ def test_batch_deployment_on_one_worker(stack_factory, clip, tmp_path):
     # overlaps the remaining CLI calls
     worker = stack.start_worker("gpu-0")
     prefect_cli("work-queue", "create", "urgent", "--pool", "gpu", "--priority", "1", env=stack.env)
+    # the other pools prefect.yaml names (what `prefect work-pool create NAME --type process` does, without
+    # a CLI start each): `prefect deploy` refuses a deployment whose pool does not exist
+    for pool in ("buffer", "salad", "control"):
+        httpx.post(f"{stack.api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10).raise_for_status()
     prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=stack.env)
     stack.mark("pool, queues and deployments made with the CLI")
     queues = httpx.post(f"{stack.api}/work_pools/gpu/queues/filter", json={}, timeout=10).json()

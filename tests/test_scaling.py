@@ -377,29 +377,27 @@ def test_prefect_unreadable_falls_back_to_salad(salad_fleet) -> None:
 
 def test_scale_flow_and_its_schedule(salad_fleet, tmp_path: Path, monkeypatch) -> None:
     """The Prefect flow once, counting real flow runs of a Salad route (a temporary local Prefect server),
-    then the schedule `musetalk-flow deploy` registers."""
+    then the schedule `musetalk-flow deploy` registers from prefect.yaml."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments.runner import RunnerDeployment
     from prefect.states import Cancelled
 
-    from deployments.scale_schedule import CONTROL_POOL, deploy_scale
-    from deployments.workpool import PULL_STEP, PullSteps, _cwd, ensure_work_pool, repo_root
+    from deployments.workpool import CONTROL_POOL, SALAD_POOL, deploy, ensure_work_pool
     from flows.scale import scale
     from tasks.route_depth import count_unfinished_runs
 
     f = salad_fleet
     cid = f.ids[0]
-    # two jobs on route salad:<4090>: runs of a deployment in pool `salad`, work queue = the class id
-    ensure_work_pool("salad", queues={cid: 10})
-    with _cwd(repo_root()):
-        d = RunnerDeployment.from_entrypoint("flows/scale.py:scale", name="route-probe", work_pool_name="salad",
-                                             work_queue_name=cid)
-        d.storage = PullSteps([{PULL_STEP: {}}])
-        deployment_id = d.apply()
+    ids = deploy(parameters={"salad-autoscale": {"targets_path": "config/gpu_targets.json"}})
+    # two jobs on route salad:<4090>: runs of generate/salad with work queue = the class id, as the
+    # orchestrator submits them
+    ensure_work_pool(SALAD_POOL, queues={cid: 10})
+    job = {"musetalk_job_id": "probe", "video_url": "https://example.com/v.mp4",
+           "audio_url": "https://example.com/a.wav"}
     with get_client(sync_client=True) as pc:
-        runs = [pc.create_flow_run_from_deployment(deployment_id) for _ in range(3)]
+        runs = [pc.create_flow_run_from_deployment(ids["generate/salad"], parameters={"job": job},
+                                                   work_queue_name=cid) for _ in range(3)]
         pc.set_flow_run_state(runs[2].id, Cancelled(), force=True)  # a finished run is no demand
-    assert count_unfinished_runs("salad", [cid, f.ids[1]]) == {cid: 2, f.ids[1]: 0}
+    assert count_unfinished_runs(SALAD_POOL, [cid, f.ids[1]]) == {cid: 2, f.ids[1]: 0}
 
     targets = tmp_path / "gpu_targets.json"
     targets.write_text(json.dumps(f.targets))
@@ -408,11 +406,10 @@ def test_scale_flow_and_its_schedule(salad_fleet, tmp_path: Path, monkeypatch) -
     assert f.fake.groups[f.classes[0].container_group]["replicas"] == 2
     assert API_KEY not in json.dumps(out) and f.fake.api_key not in json.dumps(out)
 
-    scale_id = deploy_scale(targets_path="gpu_targets.json")
     with get_client(sync_client=True) as pc:
-        dep = pc.read_deployment(scale_id)
+        dep = pc.read_deployment(ids["scale/salad-autoscale"])
     assert dep.work_pool_name == CONTROL_POOL and dep.parameters == {"dry_run": False,
-                                                                     "targets_path": "gpu_targets.json"}
+                                                                     "targets_path": "config/gpu_targets.json"}
     assert dep.schedules[0].schedule.interval.total_seconds() == 60
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1  # one pass at a time
 
