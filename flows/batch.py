@@ -8,8 +8,8 @@ table (Prefect artifact + CSV) and a summary out.
   video. A failing job becomes a failed row (and a failed job run); the others carry on.
 - ``fan_out=N`` spreads a large batch over the work pool: the manifest is cut into N+1 shares, shares
   1..N become child runs of the same deployment (``fan_out=0``) that other workers pick up, and this run
-  renders share 0 meanwhile, then waits (bounded) and gathers the children's rows from their artifacts
-  (stored by the Prefect server, so it works across machines without shared result storage).
+  renders share 0 meanwhile, then waits (bounded, Prefect's ``wait_for_flow_run``) and gathers the
+  children's rows from their results-table artifacts (see "Why artifacts" below).
 - Re-running a job id overwrites the same output keys (storage keys are a pure function of the job id).
 
 - Fan-out never waits on children no worker can take: shares are capped by the pool's online workers
@@ -21,7 +21,18 @@ The final state tells the truth (the summary is its data): Completed when every 
 Failed-type state) when the machinery broke — the engine could not load, or a child share did not finish
 within the bound. ``jobs`` is typed (a list of :class:`tasks.contract.JobRequest`), so Prefect's UI shows
 a form and the server validates a list before the run starts; a manifest *file* is parsed in the run,
-where a bad row fails as its own job."""
+where a bad row fails as its own job.
+
+Why artifacts, not the children's persisted results: a child's return value is only readable by the parent
+through result storage both machines reach, and this project does not guarantee one. Prefect's default is
+each machine's own ``$PREFECT_HOME/storage``; a shared default storage block
+(``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``) is asked for only where the orchestrator reads GPU-pool results
+(deployments/README.md), and a fleet that runs ``batch/gpu`` with ``prefect deployment run`` needs no such
+setting. A child on machine B would persist its rows to B's disk, and ``state.result()`` on machine A would
+fail. The table artifact is stored by the Prefect server, which every worker already talks to, and it is
+the batch's published output anyway (the UI's results table), so the parent reads back exactly what an
+operator sees. Should the project ever require shared result storage for every worker, ``gather_share``
+can read ``state.result()`` instead and the artifact stays for people."""
 
 from __future__ import annotations
 
