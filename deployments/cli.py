@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("serve", parents=[common],
-                       help="run the worker service (HTTP /hc + /generate; buffer loop with BUFFER_WORKER_ID)")
+                       help="run the worker service (HTTP /hc + /generate; buffer loop with BUFFER_WORKER_ID; "
+                            "a render slot per GPU in MUSETALK_DEVICES)")
     _service_args(s, 8000)
     s.set_defaults(func=cmd_serve)
 
