@@ -415,7 +415,8 @@ def test_each_slot_thread_has_its_own_gpu_current(tmp_path):
     from deployments.serve import WorkerService
 
     service = WorkerService(Settings(musetalk_workdir=tmp_path, musetalk_devices="cuda:0,cuda:1"),
-                            engine_loader=lambda s: SimpleNamespace(warm=True, gpu={}, device=torch.device(s.musetalk_device)),
+                            engine_loader=lambda s: SimpleNamespace(warm=True, gpu={},
+                                                                    device=torch.device(s.musetalk_device)),
                             prefect_warmup=lambda: "none")
     seen: dict[int, int] = {}
     barrier = threading.Barrier(2, timeout=30)
