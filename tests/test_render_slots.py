@@ -235,8 +235,12 @@ def buffer_jobs(n: int) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
-def statuses_between(fake: FakeOrchestrator, start: float, end: float) -> set[str]:
-    return {r["body"]["status"] for r in fake.of("/heartbeat") if start <= r["at"] <= end}
+def statuses_after(fake: FakeOrchestrator, start: float, at_least: int = 3) -> set[str]:
+    """The statuses of the heartbeats sent after ``start`` (waits for ``at_least`` of them; the state the
+    test holds does not change meanwhile)."""
+    beats = lambda: [r["body"]["status"] for r in fake.of("/heartbeat") if r["at"] > start]  # noqa: E731
+    assert wait_until(lambda: len(beats()) >= at_least, 20), "no heartbeats"
+    return set(beats())
 
 
 def test_buffer_holds_up_to_capacity_claims_and_heartbeats_busy_only_when_every_slot_is_taken(orchestrator):
@@ -254,7 +258,7 @@ def test_buffer_holds_up_to_capacity_claims_and_heartbeats_busy_only_when_every_
         both = time.monotonic()
         time.sleep(INTERVAL * 5)
         assert len(fake.jobs) == 1 and loop.held == 2  # two claims held at once, no third
-        assert statuses_between(fake, both + INTERVAL, time.monotonic()) == {"busy"}
+        assert statuses_after(fake, both + 0.5) == {"busy"}
         assert runs.spans["b-0"][2] is None and runs.spans["b-1"][2] is None  # both still rendering
 
         runs.gate("b-0").set()  # a slot frees: reported, then the third job is claimed onto it
@@ -262,9 +266,8 @@ def test_buffer_holds_up_to_capacity_claims_and_heartbeats_busy_only_when_every_
         assert fake.of("/status")[0]["path"].endswith("/b-0/status")
         runs.gate("b-1").set()
         assert wait_until(lambda: len(fake.of("/status")) == 2, 10)
-        one_free = time.monotonic()
-        time.sleep(INTERVAL * 4)  # b-2 renders on one slot; the other is free: a claim could be made
-        assert statuses_between(fake, one_free + INTERVAL, time.monotonic()) == {"idle"}
+        one_free = time.monotonic()  # b-2 renders on one slot; the other is free: a claim could be made
+        assert statuses_after(fake, one_free + 0.5) == {"idle"}
         assert loop.held == 1 and "b-2" not in {r["path"].split("/")[-2] for r in fake.of("/status")}
         runs.gate("b-2").set()
         assert wait_until(lambda: len(fake.of("/status")) == 3, 10)
@@ -290,10 +293,9 @@ def test_capacity_below_the_slots_leaves_the_rest_to_http_and_capacity_one_claim
     try:
         assert wait_until(lambda: runs.started() == {"b-0"}, 10)
         held = time.monotonic()
-        time.sleep(INTERVAL * 4)
         # a slot is free, but the one claim BUFFER_CAPACITY allows is taken: no claim, and the heartbeat is busy
+        assert statuses_after(fake, held + 0.5) == {"busy"}
         assert runs.started() == {"b-0"} and len(fake.jobs) == 1
-        assert statuses_between(fake, held + INTERVAL, time.monotonic()) == {"busy"}
         claims_while_held = [r for r in fake.of("/claim") if r["at"] > held]
         assert claims_while_held == []
         runs.gate("b-0").set()
