@@ -154,6 +154,15 @@ def env(tmp_path_factory, tiny_models):
 
 
 @pytest.fixture(scope="module")
+def deployed(env):
+    """Every deployment of prefect.yaml, the GPU ones in a pool no worker serves: (pool, ids). Made once:
+    each deploy runs Prefect's CLI in a fresh interpreter, which imports the flows (seconds)."""
+    from deployments.workpool import deploy
+
+    return "gpu-nobody", deploy(pool="gpu-nobody")
+
+
+@pytest.fixture(scope="module")
 def first_run(env, clip):
     """Three jobs in manifest order A, BAD, B; A and B share the avatar video; BAD's video is missing."""
     from flows.batch import batch
@@ -320,15 +329,13 @@ def test_fan_out_is_capped_by_online_workers():
     assert capped_fan_out(3, 3) == 2 and capped_fan_out(1, 5) == 1
 
 
-def test_unclaimed_child_share_is_rendered_by_the_parent(env, clip):
+def test_unclaimed_child_share_is_rendered_by_the_parent(env, clip, deployed):
     """fan_out to a deployment no worker serves: the child stays Scheduled, so the parent cancels it and
     renders its share itself instead of waiting (the default wait was 45 minutes)."""
     from prefect.client.orchestration import get_client
 
-    from deployments.workpool import deploy
     from flows.batch import batch
 
-    deploy(pool="gpu-nobody")
     jobs = [{"musetalk_job_id": f"fan-{n}", "video_url": str(clip["video"]), "audio_url": str(clip["speech"])}
             for n in range(2)]
     started = time.monotonic()
@@ -358,7 +365,7 @@ def test_cli_batch_reports_failures(env, tmp_path, capsys):
 
 # --------------------------------------------------------------------- deployments (Python API)
 
-def test_workpool_deploy_creates_pool_queues_and_deployments(env):
+def test_workpool_deploy_creates_pool_queues_and_deployments(env, deployed):
     """`deployments.workpool.deploy` against the temporary server: idempotent, prioritised queues, every
     deployment of prefect.yaml (the one definition) with the pull step that finds the project on any
     machine, entrypoints relative to it."""
@@ -368,15 +375,15 @@ def test_workpool_deploy_creates_pool_queues_and_deployments(env):
                                       repo_root)
 
     definition = load_definition()
-    ids = deploy(pool="gpu-test")
-    assert deploy(pool="gpu-test") == ids  # a second deploy updates in place
+    pool, ids = deployed
+    assert deploy(pool=pool) == ids  # a second deploy updates in place
     assert {"generate/gpu", "generate/urgent", "batch/gpu", "batch/urgent", "generate/buffer",
             "generate/salad", "scale/salad-autoscale"} <= set(ids)
     assert len(ids) == len(definition["deployments"])
     assert definition["pull"] == [{PULL_STEP: {}}]
     with get_client(sync_client=True) as client:
-        assert client.read_work_pool("gpu-test").type == "process"
-        queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="gpu-test")}
+        assert client.read_work_pool(pool).type == "process"
+        queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name=pool)}
         assert queues == {"urgent": 1, "default": 10}
         assert {q.name for q in client.read_work_queues(work_pool_name=CONTROL_POOL)} == {"default"}
         for full_name, deployment_id in ids.items():
@@ -384,8 +391,8 @@ def test_workpool_deploy_creates_pool_queues_and_deployments(env):
             assert f"{client.read_flow(d.flow_id).name}/{d.name}" == full_name
             spec = next(e for e in definition["deployments"]
                         if e["entrypoint"] == d.entrypoint and e["name"] == d.name)
-            pool = spec["work_pool"]["name"]
-            assert d.work_pool_name == ("gpu-test" if pool == "gpu" else pool)
+            named = spec["work_pool"]["name"]
+            assert d.work_pool_name == (pool if named == "gpu" else named)
             assert d.work_queue_name == spec["work_pool"]["work_queue_name"]
             assert d.pull_steps == [{PULL_STEP: {}}]
             assert (repo_root() / d.entrypoint.split(":")[0]).is_file()
