@@ -102,9 +102,11 @@ def _wait_http(url: str, timeout: float, proc: Process) -> None:
 
 
 @contextmanager
-def control_plane(database_url: Optional[str], work: Path,
-                  orchestrator_cmd: str = ORCHESTRATOR_CMD) -> Iterator[str]:
-    """A Prefect server (SQLite in ``work`` unless ``database_url``) and the orchestrator; its base URL."""
+def control_plane(database_url: Optional[str], work: Path, orchestrator_cmd: str = ORCHESTRATOR_CMD,
+                  max_writes: Optional[int] = None) -> Iterator[str]:
+    """A Prefect server (SQLite in ``work`` unless ``database_url``) and the orchestrator; its base URL.
+    ``max_writes``: the orchestrator's ``MUSETALK_PREFECT_MAX_WRITES``; None: 1 on SQLite (one writer),
+    else no limit — what ``musetalk-flow up`` and a fleet on PostgreSQL run with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MUSETALK_"))}
     prefect_port, orch_port = _free_port(), _free_port()
     env.update({
@@ -118,6 +120,7 @@ def control_plane(database_url: Optional[str], work: Path,
         "MUSETALK_ALLOW_PRIVATE_URLS": "true",  # the fake media URLs are on 127.0.0.1 and never fetched
         "MUSETALK_WORKER_OFFLINE_SEC": "120",
         "ORCHESTRATOR_BASE_URL": "",
+        "MUSETALK_PREFECT_MAX_WRITES": str(max_writes if max_writes is not None else 0 if database_url else 1),
     })
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     if database_url:
@@ -170,6 +173,8 @@ class LoadResult:
     claim_errors: int = 0  # 5xx/dropped answers to claims (the worker polled again)
     leases_lost: int = 0  # reports answered 409: the orchestrator had requeued the job (it ran again)
     claims_refused: int = 0  # claims answered 409: the worker's heartbeats had not been recorded in time
+    db_locked: int = 0  # "database is locked" lines in the Prefect server's log (SQLite's one writer)
+    max_writes: Optional[int] = None  # the orchestrator's MUSETALK_PREFECT_MAX_WRITES (None: the default)
     duplicates: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     not_succeeded: dict[str, str] = field(default_factory=dict)
@@ -356,7 +361,7 @@ def job_statuses(base: str, ids: list[str]) -> dict[str, str]:
 
 def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: float = 0.0,
              timeout_s: float = 1800.0, orchestrator_cmd: str = ORCHESTRATOR_CMD,
-             keep: Optional[Path] = None) -> LoadResult:
+             keep: Optional[Path] = None, max_writes: Optional[int] = None) -> LoadResult:
     """One full run on ``database`` (``sqlite`` or ``postgres``); ``keep``: a folder for the logs and the
     SQLite file, left in place (else a temporary one, removed)."""
     pg = None
@@ -372,7 +377,7 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
                 raise RuntimeError(f"PostgreSQL could not be started: {why}")
             url = pg.url
         try:
-            with control_plane(url, work, orchestrator_cmd) as base:
+            with control_plane(url, work, orchestrator_cmd, max_writes) as base:
                 counters: dict[str, int] = {}
                 t0 = time.perf_counter()
                 ids = submit_jobs(base, jobs, counters=counters)
@@ -383,6 +388,8 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
                 for c in claimed:
                     seen[c.job_id] = seen.get(c.job_id, 0) + 1
                 statuses = job_statuses(base, ids)
+            server_log = work / "prefect-server.log"
+            db_locked = server_log.read_text(errors="replace").count("database is locked") if server_log.is_file() else 0
         finally:
             if pg is not None:
                 pg.stop()
@@ -394,6 +401,7 @@ def run_load(database: str, *, jobs: int = 500, claimers: int = 20, render_s: fl
         empty_p50_ms=round(statistics.median(empty), 1) if empty else 0.0,
         server_errors=counters.get("server_errors", 0), claim_errors=counters.get("claim_errors", 0),
         leases_lost=counters.get("leases_lost", 0), claims_refused=counters.get("claims_refused", 0),
+        db_locked=db_locked, max_writes=max_writes,
         duplicates=sorted(j for j, n in seen.items() if n > 1),
         lost=sorted(set(ids) - set(seen)),
         not_succeeded={j: s for j, s in statuses.items() if s != "succeeded"},
@@ -420,6 +428,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--orchestrator-cmd", default=ORCHESTRATOR_CMD,
                         help="how to start the orchestrator ({python}, {port} are filled in)")
+    parser.add_argument("--max-writes", type=int, default=None,
+                        help="the orchestrator's MUSETALK_PREFECT_MAX_WRITES (default: 1 on SQLite, none on PostgreSQL)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--keep", type=Path, default=None, help="keep logs (and SQLite) under this folder")
     args = parser.parse_args(argv)
@@ -428,7 +438,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for database in [d.strip() for d in args.db.split(",") if d.strip()]:
         result = run_load(database, jobs=args.jobs, claimers=args.claimers, render_s=args.render_s,
-                          timeout_s=args.timeout_s, orchestrator_cmd=args.orchestrator_cmd, keep=args.keep)
+                          timeout_s=args.timeout_s, orchestrator_cmd=args.orchestrator_cmd, keep=args.keep,
+                          max_writes=args.max_writes)
         print(json.dumps(result.as_dict()), flush=True)
         results.append(result)
     print(markdown_rows(results))
