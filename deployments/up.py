@@ -94,6 +94,9 @@ def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, pr
                                               "--port", str(prefect_port)], env, log_dir)
             children.append(server)
             env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+            if not (env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or env.get("PREFECT_API_DATABASE_CONNECTION_URL")):
+                # SQLite has one writer: the orchestrator queues its writes instead of meeting "database is locked"
+                env.setdefault("MUSETALK_PREFECT_MAX_WRITES", "1")
             wait_http(f"{env['PREFECT_API_URL']}/health", server)
         print(f"Prefect: {env['PREFECT_API_URL'].removesuffix('/api')} (UI)", flush=True)
         subprocess.run([PY, "-m", "deployments.cli", "deploy"], env=env, check=True, stdout=subprocess.DEVNULL)

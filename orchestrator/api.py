@@ -26,6 +26,7 @@ from orchestrator.jobs import (
     TERMINAL, WORKER_LABEL, find_job_run, job_id_of, job_view, key_scope, status_of, tag_value,
 )
 from orchestrator.listing import BadCursor, list_job_runs
+from orchestrator.prefect_writes import limit_writes
 from orchestrator.progress_artifacts import write_progress
 from orchestrator.estimate import Estimate, EstimateRequest, NoMeasuredClass, estimate_job
 from orchestrator.routes import ensure_route_deployments
@@ -68,6 +69,7 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with get_client() as client:
+            limit_writes(client, settings.musetalk_prefect_max_writes)
             app.state.prefect = client
             await ensure_route_deployments(client)
             stop = asyncio.Event()

@@ -31,6 +31,12 @@ LEASE_LABEL = "musetalk.lease"
 REPORTED_LABEL = "musetalk.reported"
 NOTIFIED_LABEL = "musetalk.notified"
 
+# The Scheduled-type state a buffer run waits in for a claim. Not Prefect's plain "Scheduled": no Prefect
+# worker polls the buffer pool, so a waiting run is not late, and Prefect's late-runs service (which marks
+# only runs named "Scheduled") would otherwise rewrite every waiting run's state every few seconds — on
+# SQLite each such write competes with the claims for the one writer.
+AWAITING_CLAIM = "AwaitingClaim"
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUS_OF_STATE: dict[StateType, JobStatus] = {
     StateType.SCHEDULED: "queued", StateType.PENDING: "queued", StateType.PAUSED: "queued",

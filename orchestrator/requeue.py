@@ -1,6 +1,6 @@
-"""A lost worker's job goes back to the queue (DESIGN §5/§11): its run returns to ``Scheduled`` (the next
-claim's ``Running`` makes the attempt ``run_count + 1``); a run that has had ``MUSETALK_MAX_ATTEMPTS``
-attempts fails for good instead.
+"""A lost worker's job goes back to the queue (DESIGN §5/§11): its run returns to ``Scheduled`` (named
+``AwaitingClaim``, as a new buffer run; the next claim's ``Running`` makes the attempt ``run_count + 1``); a
+run that has had ``MUSETALK_MAX_ATTEMPTS`` attempts fails for good instead.
 
 Prefect has no compare-and-set on states, so a requeue re-reads the run and acts only when it is still
 the state and lease it judged; the window left is the time of one API call."""
@@ -14,7 +14,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Failed, Scheduled
 
-from orchestrator.jobs import LEASE_LABEL, WORKER_LABEL, job_id_of
+from orchestrator.jobs import AWAITING_CLAIM, LEASE_LABEL, WORKER_LABEL, job_id_of
 from orchestrator.results import persist_outcome
 from tasks.contract import JobOutcome
 
@@ -46,6 +46,6 @@ async def requeue_or_fail(client: PrefectClient, run: FlowRun, max_attempts: int
         log.warning("job %s failed for good: %s", job_id, message)
         return "failed"
     # force: Prefect's rules do not expect a run to leave Running for Scheduled; nothing else would move it
-    await client.set_flow_run_state(fresh.id, Scheduled(message=f"requeued: {reason}"), force=True)
+    await client.set_flow_run_state(fresh.id, Scheduled(name=AWAITING_CLAIM, message=f"requeued: {reason}"), force=True)
     log.warning("job %s requeued after attempt %d: %s", job_id, attempts, reason)
     return "queued"

@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import WorkerStatus
 from orchestrator.routes import POOL_OF_KIND, Route
 from orchestrator.salad_runs import salad_configured
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.workers import buffer_workers, utcnow
+from orchestrator.workers import ROSTER_MAX_AGE_S, buffer_workers, utcnow
 from tasks.scaling import PriceList, cheapest_salad_class, read_prices, read_targets
 from tasks.settings import Settings
 
@@ -52,7 +52,7 @@ async def held_runs(client: PrefectClient) -> dict[str, int]:
 
 
 async def idle_buffer_worker(client: PrefectClient, offline_sec: float) -> str | None:
-    workers = await buffer_workers(client)
+    workers = await buffer_workers(client, ROSTER_MAX_AGE_S)
     if not workers:
         return None
     held = await held_runs(client)

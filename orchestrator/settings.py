@@ -31,6 +31,9 @@ class OrchestratorSettings(BaseSettings):
     musetalk_salad_prices: Path | None = Path("salad_prices.json")
     # A Salad class is eligible for ``auto`` when its measured real-time factor is at most this.
     musetalk_salad_target_rtf: float = Field(1.0, gt=0)
+    # Prefect writes in flight at once from one orchestrator process; 0 = no limit (PostgreSQL). An SQLite
+    # Prefect server has one writer: 1 turns "database is locked" failures into a short queue here.
+    musetalk_prefect_max_writes: int = Field(0, ge=0)
     # Same Idempotency-Key within this window → the same job.
     musetalk_idempotency_window_sec: float = Field(24 * 3600.0, gt=0)
 

@@ -2,12 +2,23 @@
 
 A heartbeat is a Prefect worker heartbeat (so the UI lists each buffer GPU online/offline, with Prefect's
 own clock as the one time every orchestrator replica agrees on) plus a Prefect variable holding what §5's
-heartbeat says and Prefect's worker record cannot: idle/busy, GPU class, capacity, the last error."""
+heartbeat says and Prefect's worker record cannot: idle/busy, GPU class, capacity, the last error.
+
+Cost, since every write contends for the Prefect database (SQLite has one writer at a time): a heartbeat
+writes the variable only when what it says changed, and this process sends Prefect's worker heartbeat at
+most once per sixth of the offline window — a worker beats every 5–10 s, so with the default 30 s window
+every beat still reaches Prefect, and a longer window costs fewer writes. Claims read the roster (workers
+and variables) through a cache of about a second shared by every claim in the process; a worker missing
+or offline in it is read again before its claim is refused. Both are per-process shortcuts: a replica
+that does not have them just writes and reads a little more."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -22,6 +33,8 @@ from deployments.workpool import BUFFER_POOL
 
 VARIABLE_PREFIX = "buffer-worker-"
 VARIABLE_TAG = "musetalk-buffer-worker"
+# How stale a claim's view of the roster may be; the offline window it is judged against is 30 s.
+ROSTER_MAX_AGE_S = 1.0
 
 
 def variable_name(worker_id: str) -> str:
@@ -43,36 +56,103 @@ class BufferWorker:
         return self.last_heartbeat is not None and (now - self.last_heartbeat).total_seconds() <= offline_sec
 
 
+# Per event loop (tests run several apps, each on its own loop), then per Prefect API and worker.
+_beats_sent: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], float]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _due(client: PrefectClient, worker_id: str, min_interval: float) -> bool:
+    """Whether this process should pass this worker's beat on to Prefect now (at most once per interval)."""
+    sent = _beats_sent.setdefault(asyncio.get_running_loop(), {})
+    key = (str(client.api_url), worker_id)
+    now = time.monotonic()
+    if now - sent.get(key, float("-inf")) < min_interval:
+        return False
+    sent[key] = now
+    return True
+
+
 async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str, Any], offline_sec: float) -> None:
-    # Prefect marks a worker offline after a few missed intervals; this makes its "offline" ours.
-    await client.send_worker_heartbeat(BUFFER_POOL, worker_id, heartbeat_interval_seconds=max(1, int(offline_sec // 3)))
     name = variable_name(worker_id)
+    # Prefect marks a worker offline after a few missed intervals; this makes its "offline" ours. The record
+    # lags this beat by at most a sixth of the window, far inside it.
+    beat = client.send_worker_heartbeat(BUFFER_POOL, worker_id, heartbeat_interval_seconds=max(1, int(offline_sec // 3))) \
+        if _due(client, worker_id, offline_sec / 6) else None
+    try:
+        previous, _ = await asyncio.gather(client.read_variable_by_name(name), beat or asyncio.sleep(0))
+    except BaseException:
+        _beats_sent.get(asyncio.get_running_loop(), {}).pop((str(client.api_url), worker_id), None)  # resend next time
+        raise
+    try:
+        before = json.loads(previous.value) if previous is not None and isinstance(previous.value, str) else {}
+    except (TypeError, ValueError):
+        before = {}
     idle_since = None
     if body.get("status") == "idle":
         # how long the worker has been idle without a break: the sweeper's evidence of a lost claim answer
-        previous = await client.read_variable_by_name(name)
-        try:
-            before = json.loads(previous.value) if previous is not None else {}
-        except (TypeError, ValueError):
-            before = {}
         idle_since = (before.get("idle_since") if before.get("status") == "idle" else None) or utcnow().isoformat()
-    value = json.dumps({"worker_id": worker_id, **body, "idle_since": idle_since})
+    data = {"worker_id": worker_id, **body, "idle_since": idle_since}
+    if previous is not None and before == json.loads(json.dumps(data)):
+        return  # nothing new to say: the Prefect heartbeat above is the whole beat
+    value = json.dumps(data)
     try:
-        await client.update_variable(VariableUpdate(name=name, value=value))
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != 404:
-            raise
+        if previous is not None:
+            await client.update_variable(VariableUpdate(name=name, value=value))
+            return
         try:
             await client.create_variable(VariableCreate(name=name, value=value, tags=[VARIABLE_TAG]))
         except ObjectAlreadyExists:  # another replica created it a moment ago
             await client.update_variable(VariableUpdate(name=name, value=value))
+    finally:
+        _roster_of(client).changed_at = time.monotonic()  # a roster read before now is stale in this process
 
 
-async def buffer_workers(client: PrefectClient) -> dict[str, BufferWorker]:
-    """Every buffer worker Prefect knows, with what it last reported."""
-    records = {w.name: w for w in await client.read_workers_for_work_pool(BUFFER_POOL)}
+class _Roster:
+    """The last roster this process read, and the read in flight that concurrent callers share."""
+
+    def __init__(self) -> None:
+        self.read_at = float("-inf")  # monotonic time the read started: its age errs on the old side
+        self.changed_at = float("-inf")  # when this process last changed a worker's record: older reads are stale
+        self.workers: dict[str, BufferWorker] = {}
+        self.reading: asyncio.Future | None = None
+        self.reading_from = float("-inf")  # when the read in flight started
+
+
+_rosters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Roster]]" = weakref.WeakKeyDictionary()
+
+
+async def buffer_workers(client: PrefectClient, max_age: float = 0.0) -> dict[str, BufferWorker]:
+    """Every buffer worker Prefect knows, with what it last reported; a roster read at most ``max_age``
+    seconds ago will do (0: read now). Callers that ask while a read is in flight share it."""
+    roster = _roster_of(client)
+    if max_age > 0 and time.monotonic() - roster.read_at <= max_age and roster.read_at > roster.changed_at:
+        return roster.workers
+    if roster.reading is None or roster.reading_from <= roster.changed_at:
+        roster.reading_from = time.monotonic()
+        roster.reading = asyncio.ensure_future(_read_roster(client, roster, roster.reading_from))
+    return await asyncio.shield(roster.reading)
+
+
+def _roster_of(client: PrefectClient) -> _Roster:
+    return _rosters.setdefault(asyncio.get_running_loop(), {}).setdefault(str(client.api_url), _Roster())
+
+
+async def _read_roster(client: PrefectClient, roster: _Roster, started: float) -> dict[str, BufferWorker]:
+    try:
+        workers = await _read_workers(client)
+    finally:
+        if roster.reading_from == started:
+            roster.reading = None
+    if started > roster.read_at:
+        roster.read_at, roster.workers = started, workers
+    return workers
+
+
+async def _read_workers(client: PrefectClient) -> dict[str, BufferWorker]:
+    records, variables = await asyncio.gather(client.read_workers_for_work_pool(BUFFER_POOL), client.read_variables())
+    records = {w.name: w for w in records}
     details: dict[str, dict[str, Any]] = {}
-    for variable in await client.read_variables():
+    for variable in variables:
         if variable.name.startswith(VARIABLE_PREFIX):
             try:
                 data = json.loads(variable.value) if isinstance(variable.value, str) else dict(variable.value)

@@ -397,3 +397,56 @@ def test_a_lost_claim_answer_is_requeued_while_its_worker_stays_idle(prefect_api
         assert api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] == "running"
         assert api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
                         json={"status": "succeeded", "output_url": "https://out/x.mp4"}).status_code == 200
+
+
+def test_a_waiting_buffer_run_awaits_its_claim_and_is_never_marked_late(api):
+    """A buffer run waits (submitted or requeued) in a Scheduled state named ``AwaitingClaim``: Prefect's
+    late-runs service rewrites only runs named "Scheduled", and no Prefect worker polls the buffer pool, so
+    those rewrites would be nothing but writes competing with the claims."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.objects import StateType
+
+    def state_of(job_id):
+        with get_client(sync_client=True) as client:
+            run, = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"job:{job_id}"])))
+        return run.state_type, run.state_name
+
+    drain(api)
+    job_id = submit(api, route="buffer")
+    assert state_of(job_id) == (StateType.SCHEDULED, "AwaitingClaim")
+    beat(api, "gpu-w")
+    job = claim(api, "gpu-w")
+    oom = {"status": "failed", "error": {"error_type": "processing_error", "error_message": "CUDA OOM",
+                                          "retryable": True}}
+    requeued = api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", json=oom, headers=INT)
+    assert requeued.json()["job_status"] == "queued"
+    assert state_of(job_id) == (StateType.SCHEDULED, "AwaitingClaim")
+    # the same report again, by the same holder: answered as before (idempotent), nothing changes
+    assert api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", json=oom, headers=INT).status_code == 200
+    job = claim(api, "gpu-w")
+    assert job["musetalk_job_id"] == job_id
+    api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
+             json={"status": "succeeded", "output_url": "https://out/x.mp4"})
+
+
+def test_a_heartbeat_that_says_nothing_new_writes_no_variable(api, monkeypatch):
+    """A steady worker's beats cost Prefect one worker heartbeat, not a variable write each."""
+    from prefect.client.orchestration import PrefectClient
+
+    writes = []
+    original = PrefectClient.update_variable
+
+    async def counting(self, variable):
+        writes.append(variable.name)
+        return await original(self, variable)
+
+    monkeypatch.setattr(PrefectClient, "update_variable", counting)
+    beat(api, "steady")  # the first beat creates the worker's variable
+    for _ in range(3):
+        beat(api, "steady")
+    assert writes == []
+    beat(api, "steady", status="busy")
+    assert len(writes) == 1
+    beat(api, "steady", status="busy")
+    assert len(writes) == 1
