@@ -444,3 +444,49 @@ def test_all_means_one_slot_per_visible_gpu(tmp_path):
     service = WorkerService(Settings(musetalk_workdir=tmp_path, musetalk_devices="all"),
                             engine_loader=lambda s: SimpleNamespace(warm=True, gpu={}), prefect_warmup=lambda: "none")
     assert [s.device for s in service.slots] == [f"cuda:{i}" for i in range(_gpus())]
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_engines_rendering_at_once_give_what_each_gives_alone(tiny_models, media, tmp_path):
+    """Two engines of one process on cuda:0 and cuda:1, each on its own thread with its GPU current (what
+    two render slots are), rendering at the same time: each output matches that engine's render alone. A
+    cross-device mistake (a graph captured on the other GPU's stream, a buffer on the wrong device) shows
+    as faces that differ from the lone render, or as an error."""
+    import numpy as np
+
+    from musetalk_engine.device import make_current
+    from musetalk_engine.engine import EngineConfig
+    from musetalk_engine.video import decode_frames
+
+    engines = [Engine(EngineConfig(models_dir=tiny_models, device=f"cuda:{i}", cache_dir=tmp_path / f"cache-{i}"))
+               for i in range(2)]
+    barrier = threading.Barrier(2, timeout=120)
+    outputs: dict[tuple[str, int], Any] = {}
+    errors: list[BaseException] = []
+
+    def slot(i: int, together: bool) -> None:
+        try:
+            make_current(engines[i].device)
+            out = tmp_path / f"{'together' if together else 'alone'}-{i}.mp4"
+            if together:
+                barrier.wait()
+            engines[i].render(media.video, media.short_speech, out, batch_size=4)
+            outputs[("together" if together else "alone", i)] = np.stack(list(decode_frames(out, 25.0)))
+        except BaseException as exc:  # noqa: BLE001 — re-raised below, on the test's thread
+            errors.append(exc)
+
+    for i in range(2):  # alone, one after the other (this also warms both engines at batch size 4)
+        t = threading.Thread(target=slot, args=(i, False))
+        t.start()
+        t.join(300)
+    threads = [threading.Thread(target=slot, args=(i, True)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for i in range(2):
+        alone, together = outputs[("alone", i)].astype(int), outputs[("together", i)].astype(int)
+        assert alone.shape == together.shape
+        diff = np.abs(alone - together)
+        assert diff.max() <= 8 and diff.mean() <= 0.5, (i, diff.max(), diff.mean())
