@@ -220,6 +220,48 @@ def test_shutdown_gives_each_running_job_the_grace_then_abandons_each(tmp_path):
     assert service.queue.current is None
 
 
+def test_a_benchmark_job_measures_the_gpu_of_the_slot_that_runs_it(tmp_path, monkeypatch):
+    import torch
+
+    import deployments.benchmark_job as bj
+    from deployments.serve import create_app
+    from fastapi.testclient import TestClient
+
+    assert bj.benchmark_config({"device": "cuda:7"}, Settings(musetalk_workdir=tmp_path), cuda=True,
+                               device="cuda:1").device == "cuda:1"  # the worker's slot, never the request's
+    asked: list[tuple[str | None, bool]] = []
+
+    def measure(job, settings, timeout_s, *, cuda, release=None, device=None):
+        asked.append((device, cuda))
+        release()
+        return JobOutcome(http_status=200, body={"status": "ok", "device": device})
+
+    monkeypatch.setattr("deployments.serve.run_benchmark_job", measure)
+    released: list[int] = []
+    loaded: list[int] = []
+
+    def loader(_settings: Settings) -> Any:  # stand-ins for two GPU engines (no GPU here)
+        n = len(loaded)
+        loaded.append(n)
+        return SimpleNamespace(warm=True, gpu={}, device=torch.device("cuda", n),
+                               release_gpu_memory=lambda: released.append(n))
+
+    settings = Settings(musetalk_workdir=tmp_path, musetalk_devices="cpu,cpu")
+    app = create_app(settings, engine_loader=loader, prefect_warmup=lambda: "none")
+    service = app.state.service
+    with TestClient(app) as http:
+        assert service.wait_ready(30), service.load_error
+        hold = threading.Event()
+        blocker = service.queue.submit({"i": "busy"}, run=lambda job, qid: hold.wait(30) and JobOutcome(
+            http_status=200, body={}))
+        assert wait_until(lambda: blocker.ran_on is not None, 10)
+        r = http.post("/benchmark", json={"benchmark": {"profile": "tiny"}})
+        hold.set()
+    other = 1 - blocker.ran_on  # the slot left free took the benchmark
+    assert r.status_code == 200 and r.json()["device"] == f"cuda:{other}"
+    assert asked == [(f"cuda:{other}", True)] and released == [other]
+
+
 # ------------------------------------------------------------------------------ buffer mode, capacity
 
 
