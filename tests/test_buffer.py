@@ -5,14 +5,10 @@ carried by the next heartbeat, one interval after an empty claim, backoff while 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Future
-from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -22,6 +18,7 @@ from musetalk_engine.engine import Engine
 from tasks.progress import OrchestratorClient
 from tasks.settings import get_settings
 from tests.hostile_media import worker_env
+from tests.fake_orchestrator import FakeOrchestrator
 from tests.servers import media_server, serve_in_thread, wait_until
 from tests.test_serve import RenderSpy
 
@@ -29,46 +26,6 @@ pytest_plugins = ["tests.fixtures_engine"]
 
 KEY = "buffer-test-internal-key-42"
 INTERVAL = 0.3
-
-
-class FakeOrchestrator:
-    """Records every POST (path, body, key, arrival time); hands out queued jobs once each."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.jobs: list[dict[str, Any]] = []
-        self.statuses: dict[str, int] = {}  # path suffix -> status, for every call
-        self.fail_next: dict[str, list[int]] = {}  # path suffix -> statuses for the next calls
-        self.lock = threading.Lock()
-        self.app = FastAPI()
-        self.app.add_api_route("/{path:path}", self.handle, methods=["POST"])
-
-    def _status(self, path: str) -> int:
-        for suffix, codes in self.fail_next.items():
-            if path.endswith(suffix) and codes:
-                return codes.pop(0)
-        return next((code for suffix, code in self.statuses.items() if path.endswith(suffix)), 200)
-
-    async def handle(self, path: str, request: Request) -> JSONResponse:
-        body = await request.json()  # before the lock: never hold a thread lock across an await
-        with self.lock:
-            self.requests.append({"path": "/" + path, "key": request.headers.get("x-internal-api-key"),
-                                  "body": body, "at": time.monotonic()})
-            status = self._status(path)
-            if path.endswith("jobs/claim") and status == 200:
-                return JSONResponse({"job": self.jobs.pop(0) if self.jobs else None})
-        return JSONResponse({"ok": status < 300}, status_code=status)
-
-    def of(self, suffix: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r for r in self.requests if r["path"].endswith(suffix)]
-
-    def reset(self) -> None:
-        with self.lock:
-            self.requests.clear()
-            self.jobs.clear()
-            self.statuses.clear()
-            self.fail_next.clear()
 
 
 @pytest.fixture(scope="module")

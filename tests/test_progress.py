@@ -6,40 +6,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from tasks.progress import OrchestratorClient, OrchestratorError, ProgressReporter
 from tasks.settings import RedactSecrets, Settings, install_redaction, redact, secret_values
+from tests.fake_orchestrator import FakeOrchestrator
 from tests.servers import free_port, serve_in_thread
 
 KEY = "s3cr3t-internal-key-0123456789"
-
-
-class FakeOrchestrator:
-    """Records every POST; ``statuses`` maps a path suffix to the status code to answer with."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.statuses: dict[str, int] = {}
-        self.job: dict[str, Any] | None = None
-        self.app = FastAPI()
-        self.app.add_api_route("/{path:path}", self.handle, methods=["POST"])
-
-    async def handle(self, path: str, request: Request) -> JSONResponse:
-        self.requests.append({"path": request.scope["raw_path"].decode(), "key": request.headers.get("x-internal-api-key"),
-                              "body": await request.json(), "at": time.monotonic()})
-        status = next((code for suffix, code in self.statuses.items() if path.endswith(suffix)), 200)
-        if path.endswith("jobs/claim"):
-            return JSONResponse({"job": self.job}, status_code=status)
-        return JSONResponse({"ok": status < 300}, status_code=status)
-
-    def bodies(self, suffix: str) -> list[dict[str, Any]]:
-        return [r["body"] for r in self.requests if r["path"].endswith(suffix)]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +28,7 @@ def server():
 @pytest.fixture
 def fake(server):
     fake, _ = server
-    fake.requests.clear()
-    fake.statuses.clear()
-    fake.job = None
+    fake.reset()
     return fake
 
 
@@ -111,9 +85,10 @@ def test_heartbeat_uses_buffer_url_and_raises_on_non_2xx(client, fake):
 
 def test_claim_returns_job_or_none(client, fake):
     assert client.claim() is None
-    fake.job = {"buffer_job_id": "b-7", "musetalk_job_id": "m-7", "video_url": "https://x/v.mp4",
-                "audio_url": "https://x/a.wav", "aspect_ratio": "9:16", "resolution": "720p"}
-    assert client.claim() == fake.job
+    job = {"buffer_job_id": "b-7", "musetalk_job_id": "m-7", "video_url": "https://x/v.mp4",
+           "audio_url": "https://x/a.wav", "aspect_ratio": "9:16", "resolution": "720p"}
+    fake.jobs.append(job)
+    assert client.claim() == job
     assert fake.bodies("/claim") == [{"worker_id": "worker-1"}] * 2
     fake.statuses["/claim"] = 500
     with pytest.raises(OrchestratorError):

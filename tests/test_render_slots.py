@@ -22,7 +22,8 @@ from tasks.contract import JobOutcome
 from tasks.progress import OrchestratorClient
 from tasks.settings import Settings, get_settings, parse_devices
 from tests.servers import media_server, serve_in_thread, wait_until
-from tests.test_buffer import KEY, FakeOrchestrator
+from tests.fake_orchestrator import FakeOrchestrator
+from tests.test_buffer import KEY
 
 pytest_plugins = ["tests.fixtures_engine"]
 
@@ -277,6 +278,20 @@ def buffer_jobs(n: int) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
+def two_slot_buffer(fake: FakeOrchestrator, url: str, worker_id: str, *, capacity: int,
+                    jobs: int) -> tuple["Gated", BufferLoop]:
+    """A buffer loop over a two-slot queue of gated renders, ``jobs`` jobs waiting at the fake orchestrator
+    (the loop is not started)."""
+    fake.reset()
+    runs = Gated()
+    queue = RenderQueue(runs, max_queued=0, slots=2)
+    runs.queue_of = lambda: queue
+    loop = BufferLoop(OrchestratorClient(url, SecretStr(KEY), worker_id), interval=INTERVAL, capacity=capacity,
+                      submit=queue.submit, ready=lambda: True, busy=lambda: queue.full)
+    fake.jobs = buffer_jobs(jobs)
+    return runs, loop
+
+
 def statuses_after(fake: FakeOrchestrator, start: float, at_least: int = 3) -> set[str]:
     """The statuses of the heartbeats sent after ``start`` (waits for ``at_least`` of them; the state the
     test holds does not change meanwhile)."""
@@ -287,13 +302,7 @@ def statuses_after(fake: FakeOrchestrator, start: float, at_least: int = 3) -> s
 
 def test_buffer_holds_up_to_capacity_claims_and_heartbeats_busy_only_when_every_slot_is_taken(orchestrator):
     fake, url = orchestrator
-    fake.reset()
-    runs = Gated()
-    queue = RenderQueue(runs, max_queued=0, slots=2)
-    runs.queue_of = lambda: queue
-    loop = BufferLoop(OrchestratorClient(url, SecretStr(KEY), "box-2gpu"), interval=INTERVAL, capacity=2,
-                      submit=queue.submit, ready=lambda: True, busy=lambda: queue.full)
-    fake.jobs = buffer_jobs(3)
+    runs, loop = two_slot_buffer(fake, url, "box-2gpu", capacity=2, jobs=3)
     loop.start()
     try:
         assert wait_until(lambda: runs.started() == {"b-0", "b-1"}, 10), runs.started()
@@ -324,13 +333,7 @@ def test_buffer_holds_up_to_capacity_claims_and_heartbeats_busy_only_when_every_
 
 def test_capacity_below_the_slots_leaves_the_rest_to_http_and_capacity_one_claims_after_each_report(orchestrator):
     fake, url = orchestrator
-    fake.reset()
-    runs = Gated()
-    queue = RenderQueue(runs, max_queued=0, slots=2)
-    runs.queue_of = lambda: queue
-    loop = BufferLoop(OrchestratorClient(url, SecretStr(KEY), "box-cap1"), interval=INTERVAL, capacity=1,
-                      submit=queue.submit, ready=lambda: True, busy=lambda: queue.full)
-    fake.jobs = buffer_jobs(2)
+    runs, loop = two_slot_buffer(fake, url, "box-cap1", capacity=1, jobs=2)
     loop.start()
     try:
         assert wait_until(lambda: runs.started() == {"b-0"}, 10)
