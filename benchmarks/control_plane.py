@@ -15,6 +15,10 @@ orchestrator`) and no GPU worker at all, then:
     python -m benchmarks.control_plane                          # both databases, 500 jobs, 20 claimers
     python -m benchmarks.control_plane --db sqlite --jobs 50 --claimers 5 --json out.json
 
+The orchestrator runs as `musetalk-flow up` and a fleet run it: at most one Prefect write at a time on
+SQLite (``MUSETALK_PREFECT_MAX_WRITES=1``), no limit on PostgreSQL (``--max-writes`` overrides); the result
+counts the Prefect server's "database is locked" log lines.
+
 PostgreSQL needs its binaries (initdb/pg_ctl, as tests/pg.py finds them). The servers listen on 127.0.0.1
 and everything is removed afterwards. The same run at a small size is a test (tests/test_control_plane_load.py).
 """
