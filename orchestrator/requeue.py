@@ -8,15 +8,13 @@ the state and lease it judged; the window left is the time of one API call."""
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Failed, Scheduled
 
 from orchestrator.jobs import AWAITING_CLAIM, LEASE_LABEL, WORKER_LABEL, job_id_of
 from orchestrator.results import persist_outcome
-from tasks.contract import JobOutcome
+from tasks.contract import JobOutcome, processing_failure
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +36,8 @@ async def requeue_or_fail(client: PrefectClient, run: FlowRun, max_attempts: int
     await client.update_flow_run_labels(fresh.id, {LEASE_LABEL: "", WORKER_LABEL: ""})
     if attempts >= max_attempts:
         message = f"{reason}; gave up after {attempts} attempt(s)"
-        body: dict[str, Any] = {"status": "failed", "error_type": "processing_error", "error_message": message,
-                                "stage": "inference", "details": {"attempts": attempts}, "retryable": False,
-                                "stage_times": {}, "musetalk_job_id": job_id}
+        body = processing_failure(message, stage="inference", retryable=False, details={"attempts": attempts},
+                                  job_id=job_id)
         record = await persist_outcome(JobOutcome(http_status=500, body=body))
         await client.set_flow_run_state(fresh.id, Failed(data=record, message=message), force=True)
         log.warning("job %s failed for good: %s", job_id, message)

@@ -34,7 +34,8 @@ from orchestrator.requeue import requeue_or_fail
 from orchestrator.results import persist_outcome
 from orchestrator.routes import SALAD_PREFIX, deployment_id
 from orchestrator.settings import OrchestratorSettings
-from tasks.contract import JobOutcome
+from tasks.contract import JobOutcome, failure_status, processing_failure
+from tasks.salad import salad_configured
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ REPLICA = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 class Handover(Exception):
     """This replica stops following a Salad job (stopping, or another replica took it over)."""
-
-
-def salad_configured() -> bool:
-    from tasks.salad import ENV_API_KEY, ENV_ORG, ENV_PROJECT
-
-    return all(os.environ.get(n) for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT))
 
 
 def _follower_stale(run: FlowRun, now: float) -> bool:
@@ -159,9 +154,8 @@ class SaladRuns:
             return
         except Exception as exc:  # noqa: BLE001 — Salad refused the job, or its class is unknown
             log.exception("job %s: Salad dispatch failed", job_id)
-            body = {"status": "failed", "error_type": "processing_error",
-                    "error_message": f"could not run the job on SaladCloud: {exc}"[:500], "stage": "inference",
-                    "details": {}, "retryable": True, "stage_times": {}, "musetalk_job_id": job_id}
+            body = processing_failure(f"could not run the job on SaladCloud: {exc}"[:500], stage="inference",
+                                      job_id=job_id)
             await self._finish(run.id, JobOutcome(http_status=500, body=body))
             return
         if outcome.status == "cancelled":
@@ -170,8 +164,7 @@ class SaladRuns:
                 await self.client.set_flow_run_state(run.id, Cancelled(message="cancelled in SaladCloud"),
                                                      force=True)
             return
-        status = 200 if outcome.status == "succeeded" else (422 if (outcome.body or {}).get("error_type")
-                                                            == "media_error" else 500)
+        status = 200 if outcome.status == "succeeded" else failure_status((outcome.body or {}).get("error_type"))
         await self._finish(run.id, JobOutcome(http_status=status, body=outcome.body or {}))
 
     async def _finish(self, run_id: UUID, outcome: JobOutcome) -> None:

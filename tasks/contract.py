@@ -21,7 +21,7 @@ from tasks.logs import scrub_urls
 from tasks.settings import redact
 
 __all__ = ["JOB_STAGES", "JobParams", "JobRequest", "JobMetrics", "JobSuccess", "JobFailure", "JobOutcome",
-           "describe_errors", "progress_error", "disk_full", "failure_body", "failure_outcome",
+           "describe_errors", "progress_error", "disk_full", "failure_status", "failure_body", "failure_outcome",
            "processing_failure", "unavailable", "timed_out", "outcome_from_state"]
 
 JobStage = Literal[JOB_STAGES]  # type: ignore[valid-type]
@@ -171,6 +171,11 @@ def disk_full(exc: BaseException) -> bool:
     return False
 
 
+def failure_status(error_type: str | None) -> int:
+    """The HTTP status of a failure body: 422 for bad media (final), 500 for a worker fault."""
+    return 422 if error_type == "media_error" else 500
+
+
 def failure_body(exc: BaseException, stage_times: dict[str, float], stage: str = "inference") -> tuple[int, dict]:
     """(HTTP status, body) for a failed job: 422 for bad media, 500 for worker faults."""
     if not isinstance(exc, MediaError) and disk_full(exc):
@@ -184,7 +189,7 @@ def failure_body(exc: BaseException, stage_times: dict[str, float], stage: str =
                 "stage_times": stage_times}
         return 500, body
     if isinstance(exc, MuseTalkError):
-        status = 422 if exc.error_type == "media_error" else 500
+        status = failure_status(exc.error_type)
         body = {"status": "failed", "error_type": exc.error_type, "error_message": exc.message,
                 "stage": exc.stage, "details": exc.details, "retryable": exc.retryable}
     else:  # an unexpected crash is a worker fault; retrying on another worker may help

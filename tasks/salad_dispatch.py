@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 from pydantic import BaseModel
 
+from tasks.contract import processing_failure
 from tasks.salad import SaladApiError, SaladClient
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,8 @@ def salad_input(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _failure(job_id: Optional[str], message: str, *, retryable: bool, reason: str) -> dict[str, Any]:
-    return {"status": "failed", "error_type": "processing_error", "error_message": message,
-            "stage": "inference", "details": {"reason": reason}, "retryable": retryable, "stage_times": {},
-            "musetalk_job_id": job_id}
+    return processing_failure(message, stage="inference", retryable=retryable, details={"reason": reason},
+                              job_id=job_id)
 
 
 def submit_salad_job(job: Mapping[str, Any], queue: str, client: SaladClient) -> str:
