@@ -4,8 +4,9 @@ view of one job. Everything a job is lives on its flow run:
 - parameters ``{"job": §4 body + webhook_url + metadata}``;
 - tags ``musetalk-job``, ``job:{id}``, ``route:{route}``, ``priority:{p}``, ``key:{api key scope}``,
   ``body:{request hash}`` (idempotency checks);
+- tag ``webhook:pending`` until the sweeper has taken the terminal webhook (orchestrator/sweeper.py);
 - labels of the current buffer lease (``musetalk.worker``, ``musetalk.lease``, ``musetalk.reported``) and of
-  the terminal webhook (``musetalk.notified``);
+  a Salad run's follower (``musetalk.salad_follower``, ``musetalk.salad_job``: orchestrator/salad_runs.py);
 - the state (status), ``run_count`` (attempt), the persisted result and the progress artifact."""
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ JOB_TAG = "musetalk-job"
 WORKER_LABEL = "musetalk.worker"
 LEASE_LABEL = "musetalk.lease"
 REPORTED_LABEL = "musetalk.reported"
-NOTIFIED_LABEL = "musetalk.notified"
 
 # The Scheduled-type state a buffer run waits in for a claim. Not Prefect's plain "Scheduled": no Prefect
 # worker polls the buffer pool, so a waiting run is not late, and Prefect's late-runs service (which marks
