@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -50,14 +49,6 @@ STATES_OF_STATUS: dict[str, list[StateType]] = {}
 for _state, _status in STATUS_OF_STATE.items():
     STATES_OF_STATUS.setdefault(_status, []).append(_state)
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def valid_job_id(job_id: str) -> bool:
-    """Job ids name files, tags and URLs: letters, digits, ``._-``, at most 128."""
-    return bool(_ID.match(job_id))
-
 
 def job_tag(job_id: str) -> str:
     return f"job:{job_id}"

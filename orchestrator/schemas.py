@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from musetalk_engine.errors import MediaError
 from musetalk_engine.framing import validate_framing
-from orchestrator.jobs import valid_job_id
 from tasks.contract import JobParams
+from tasks.storage import safe_job_id
 
 
 class JobCreate(BaseModel):
@@ -35,9 +35,12 @@ class JobCreate(BaseModel):
     @field_validator("musetalk_job_id")
     @classmethod
     def _id(cls, value: str | None) -> str | None:
-        if value is not None and not valid_job_id(value):
-            raise ValueError("musetalk_job_id: letters, digits, '.', '_' and '-' only, at most 128")
-        return value
+        # the workers' own rule (ids name files, storage keys, tags): an id they would refuse is refused here,
+        # at submit, not after the job has waited in a queue
+        try:
+            return None if value is None else safe_job_id(value)
+        except MediaError as exc:
+            raise ValueError(exc.message) from None
 
     @model_validator(mode="after")
     def _framing(self) -> "JobCreate":
