@@ -16,14 +16,13 @@ the benchmark workload. Pure functions; the caller reads the two files (tasks.sc
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
+from musetalk_engine.errors import MediaError
+from musetalk_engine.framing import validate_framing
 from tasks.scaling import Candidate, PriceList, cheapest_salad_class, measured_classes
-
-_RESOLUTION = re.compile(r"^\d{3,4}p$")
 
 
 class NoMeasuredClass(ValueError):
@@ -34,13 +33,16 @@ class EstimateRequest(BaseModel):
     """The request body."""
 
     audio_seconds: float = Field(gt=0, le=24 * 3600, description="length of the speech audio")
-    resolution: Optional[str] = Field(default=None, description='e.g. "720p", "1080p"')
+    resolution: Optional[str] = Field(default=None, description='one a job takes, e.g. "720p", "1080p"')
 
     @field_validator("resolution")
     @classmethod
     def _resolution(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not _RESOLUTION.match(value):
-            raise ValueError(f"resolution must look like '720p' or '1080p', got {value!r}")
+        # the rule a job's own resolution meets: an estimate for one that POST /v1/avatar/jobs refuses is no use
+        try:
+            validate_framing(None, value)
+        except MediaError as exc:
+            raise ValueError(exc.message) from None
         return value
 
 
