@@ -16,20 +16,20 @@ directory, so running a command from a checkout does not scatter ``cache/``, ``r
 into it.
 
 Secrets (``INTERNAL_API_KEY``, ``B2_APP_KEY``, ``SALAD_API_KEY``, ``MUSETALK_WEBHOOK_SECRET``) are ``SecretStr``: their repr is
-masked, and :class:`RedactSecrets` scrubs their plain values from log records as a second line of defence.
+masked, and the process's logging (:mod:`tasks.logs`) scrubs their plain values from every log record as a
+second line of defence (:func:`redact`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Iterable, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -343,64 +343,3 @@ def redact(text: str, secrets: Iterable[str] | None = None) -> str:
         if value and len(value) >= MIN_REDACT_LEN and value in text:
             text = text.replace(value, REDACTED)
     return text
-
-
-class RedactSecrets(logging.Filter):
-    """Logging filter that replaces secret values in a record's message and traceback with ``***``.
-
-    ``secrets`` is called per record so rotated keys (``get_settings.cache_clear()``) are picked up.
-    The filter formats the message itself (``msg % args``) because a secret may hide in an argument.
-    """
-
-    def __init__(self, secrets: Callable[[], Iterable[str]] | None = None):
-        super().__init__("musetalk-redact")
-        self._secrets = secrets or secret_values
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            secrets = [s for s in self._secrets() if s and len(s) >= MIN_REDACT_LEN]
-        except Exception:  # unreadable settings must not break logging itself
-            return True
-        if not secrets:
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string: leave it to the handler to report
-            return True
-        clean = redact(message, secrets)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            text = redact(record.exc_text, secrets)
-            if text != record.exc_text:
-                # Formatters print exc_text when set; dropping exc_info stops handlers that render the
-                # traceback themselves (rich) from showing the unredacted exception.
-                record.exc_text, record.exc_info = text, None
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info, secrets)
-        return True
-
-
-# Root, prefect, and the Prefect loggers that carry their own handlers (the API log handler ships run
-# logs to the Prefect server; uvicorn's and prefect.extra's do not propagate).
-REDACTED_LOGGERS = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.extra",
-                    "prefect.workers", "uvicorn", "uvicorn.access", "uvicorn.error")
-
-
-def install_redaction(logger_names: Iterable[str] = REDACTED_LOGGERS,
-                      secrets: Callable[[], Iterable[str]] | None = None) -> RedactSecrets:
-    """Attach one :class:`RedactSecrets` to the root and Prefect loggers and to their handlers.
-
-    Logger filters only see records logged *on that logger*, not ones propagated from children, so the
-    filter also goes on each handler present now; call this after logging is configured (Prefect
-    configures it on import). Idempotent: calling it twice adds nothing.
-    """
-    redactor = RedactSecrets(secrets)
-    for name in logger_names:
-        logger = logging.getLogger(name)
-        for target in (logger, *logger.handlers):
-            if not any(isinstance(f, RedactSecrets) for f in target.filters):
-                target.addFilter(redactor)
-    return redactor

@@ -3,15 +3,19 @@ secret redaction."""
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from pydantic import SecretStr
 
 from tasks.progress import OrchestratorClient, OrchestratorError, ProgressReporter
-from tasks.settings import RedactSecrets, Settings, install_redaction, redact, secret_values
+from tasks.logs import CleanRecordFactory, configure_logging, reset_logging
+from tasks.settings import Settings, get_settings, redact, secret_values
 from tests.fake_orchestrator import FakeOrchestrator
 from tests.servers import free_port, serve_in_thread
 
@@ -262,39 +266,47 @@ def test_settings_read_dotenv_below_the_environment(monkeypatch, tmp_path):
     assert s.b2_prefix == "from-dotenv" and s.musetalk_models_dir == Path("/from/env")
 
 
-def test_redaction_filter_scrubs_messages_args_and_tracebacks(caplog):
+@contextmanager
+def logging_with_secret(monkeypatch) -> Iterator[io.StringIO]:
+    """The process's logging (tasks/logs.py) configured with ``KEY`` as the internal API key; undone after."""
+    monkeypatch.setenv("INTERNAL_API_KEY", KEY)
+    get_settings.cache_clear()
+    saved = {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "")}
+    stream = io.StringIO()
+    try:
+        configure_logging(logging.INFO, fmt="text", max_chars=4000, stream=stream)
+        yield stream
+    finally:
+        reset_logging()
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        get_settings.cache_clear()
+
+
+def test_logging_scrubs_secrets_from_messages_args_and_tracebacks(monkeypatch):
     logger = logging.getLogger("tasks.test_redaction")
-    redactor = RedactSecrets(lambda: [KEY])
-    with caplog.at_level(logging.INFO, logger="tasks.test_redaction"):
-        caplog.handler.addFilter(redactor)
+    with logging_with_secret(monkeypatch) as out:
+        logger.info("calling with key %s", KEY)
+        logger.info(f"inline {KEY}")
         try:
-            logger.info("calling with key %s", KEY)
-            logger.info(f"inline {KEY}")
-            try:
-                raise RuntimeError(f"bad key {KEY}")
-            except RuntimeError:
-                logger.exception("failed")
-        finally:
-            caplog.handler.removeFilter(redactor)
-    assert KEY not in caplog.text
-    assert caplog.text.count("***") == 3
+            raise RuntimeError(f"bad key {KEY}")
+        except RuntimeError:
+            logger.exception("failed")
+    assert KEY not in out.getvalue()
+    assert out.getvalue().count("***") == 3
     assert redact(f"a {KEY} b", [KEY]) == "a *** b"
 
 
-def test_install_redaction_covers_prefect_run_handlers_idempotently():
+def test_logging_redaction_covers_prefect_run_loggers_idempotently(monkeypatch):
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()  # what importing prefect.main / running a flow does: handlers on run loggers
 
-    loggers = [logging.getLogger(name) for name in ("", "prefect", "prefect.task_runs")]
-    targets = [t for lg in loggers for t in (lg, *lg.handlers)]
-    try:
-        install_redaction(secrets=lambda: [KEY])
-        install_redaction(secrets=lambda: [KEY])
-        for target in targets:
-            assert sum(isinstance(f, RedactSecrets) for f in target.filters) == 1, target
-        assert logging.getLogger("prefect.task_runs").handlers  # the API handler is covered too
-    finally:
-        for target in targets:
-            for f in [f for f in target.filters if isinstance(f, RedactSecrets)]:
-                target.removeFilter(f)
+    with logging_with_secret(monkeypatch):
+        configure_logging(logging.INFO, fmt="text", max_chars=4000, stream=io.StringIO())  # a second call
+        factory = logging.getLogRecordFactory()
+        assert isinstance(factory, CleanRecordFactory) and not isinstance(factory.previous, CleanRecordFactory)
+        run_logger = logging.getLogger("prefect.task_runs")
+        assert run_logger.handlers  # the API handler is covered too: it only ever sees cleaned records
+        record = run_logger.makeRecord(run_logger.name, logging.INFO, __file__, 1, "key %s", (KEY,), None)
+        assert KEY not in record.getMessage() and "***" in record.getMessage()
