@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from musetalk_engine.errors import MediaError
 from musetalk_engine.framing import validate_framing
+from orchestrator.jobs import JobStatus
 from tasks.contract import JobParams
+from tasks.progress import Phase, Status
 from tasks.storage import safe_job_id
 
 
@@ -70,7 +72,7 @@ class JobView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float
     phase: str | None
     route: str | None
@@ -101,9 +103,9 @@ class ErrorBody(BaseModel):
 # ---------------------------------------------------------------------------------------- internal (§5)
 
 class ProgressReport(BaseModel):
-    status: Literal["running", "succeeded", "failed"]
+    status: Status
     progress: float = Field(ge=0, le=1)
-    phase: Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
+    phase: Phase
     metrics: dict[str, Any] | None = None
     error: Any = None
     worker_id: str | None = None

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from contextvars import ContextVar
-from typing import Any, Callable, Generator, Literal
+from typing import Any, Callable, Generator, Literal, get_args
 from urllib.parse import quote
 
 import httpx
@@ -44,14 +44,14 @@ progress_listener: ContextVar[Callable[[str, float], None] | None] = ContextVar(
 
 Status = Literal["running", "succeeded", "failed"]
 Phase = Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
-STATUSES = ("running", "succeeded", "failed")
+STATUSES: tuple[str, ...] = get_args(Status)
 TERMINAL_STATUSES = ("succeeded", "failed")
 # How long a reporter keeps retrying a job's terminal update while the orchestrator is unreachable or
 # answers 5xx (an orchestrator restart takes seconds). ``close`` waits for it only up to its own timeout,
 # so a dead orchestrator delays a job's answer by at most that; a long-lived worker process (serve,
 # buffer) keeps retrying on the background thread after the job has answered.
 FINAL_RETRY_SEC = 60.0
-PHASES = ("preparing", "inferring", "encoding", "uploading", "completed", "failed")
+PHASES: tuple[str, ...] = get_args(Phase)
 API_KEY_HEADER = "X-Internal-API-Key"
 _EXCERPT = 200
 
