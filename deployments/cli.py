@@ -366,7 +366,8 @@ def cmd_salad(args) -> int:
         print(f"{'would ' if args.dry_run and a.action in ('create', 'update') else ''}{a.action} "
               f"{a.kind} {a.name} [{a.class_name}]{extra}{': ' + a.detail if a.detail else ''}")
     if args.dry_run and actions:
-        from tasks.salad_provision import container_group_spec, redacted, salad_classes
+        from tasks.salad_provision import container_group_spec, redacted
+        from tasks.scaling import salad_classes
 
         first = next(e for e in salad_classes(targets) if str(e["id"]) == actions[0].class_id)
         print(f"container group spec for {first['name']} (secrets shown as ***):")

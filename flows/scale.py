@@ -18,8 +18,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.route_depth import read_unfinished_runs
 from tasks.salad import read_queue_length, read_replicas, salad_configured, write_replicas
-from tasks.salad_provision import names_by_class, salad_classes
-from tasks.scaling import ClassDemand, ScalingPolicy, decision_markdown, read_targets, run_scaling_pass
+from tasks.salad_provision import names_by_class
+from tasks.scaling import (ClassDemand, ScalingPolicy, decision_markdown, read_targets, run_scaling_pass,
+                           salad_classes)
 
 ARTIFACT_KEY = "salad-scale-decision"
 

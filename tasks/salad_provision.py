@@ -28,6 +28,7 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import BaseModel, Field
 
 from tasks.salad import SaladApiError, SaladClient
+from tasks.scaling import salad_classes
 
 QUEUE_PATH = "/generate"
 WORKER_PORT = 8000
@@ -85,11 +86,6 @@ def salad_names(entry: Mapping[str, Any]) -> SaladNames:
     """The queue and container group of one gpu_targets.json class (the same name for both)."""
     name = (NAME_PREFIX + slug(str(entry["name"])))[:63].rstrip("-")
     return SaladNames(queue=name, container_group=name)
-
-
-def salad_classes(targets: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The entries that are Salad classes (have an id, are not a local GPU)."""
-    return [t for t in targets if t.get("id") and not t.get("local")]
 
 
 def names_by_class(targets: list[Mapping[str, Any]]) -> dict[str, SaladNames]:

@@ -119,6 +119,11 @@ class Candidate(GpuClassRef):
     meets_target: bool = False
 
 
+def salad_classes(targets: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The entries of gpu_targets.json that are Salad classes (have an id, are not a local GPU)."""
+    return [t for t in targets if t.get("id") and not t.get("local")]
+
+
 def _candidate(entry: Mapping[str, Any], prices: Optional[Mapping[str, float]]) -> Optional[Candidate]:
     bench = entry.get("benchmark") or {}
     try:
@@ -156,9 +161,7 @@ def measured_classes(
     name the same class.
     """
     out = []
-    for entry in targets:
-        if not entry.get("id") or entry.get("local"):
-            continue
+    for entry in salad_classes(targets):
         cand = _candidate(entry, prices)
         if cand is None:
             continue
