@@ -25,7 +25,6 @@ flow); this module only composes them, like every flow. Its one deployment entry
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -40,11 +39,11 @@ from benchmarks.schema import BenchmarkResult
 from benchmarks.targets import merge_into_file, results_table
 from tasks.scaling import read_targets
 from tasks.salad import salad_client_from_env
+from tasks.salad_dispatch import SaladJobTimeout, wait_salad_job
 
 TABLE_KEY = "gpu-benchmark-results"
 CHART_KEY = "gpu-benchmark-chart"
 DEFAULT_DEPLOYMENT = "benchmark/gpu-benchmark"
-_SALAD_FINAL = {"succeeded", "failed", "cancelled"}
 
 def queue_for(class_id: str, prefix: str = "gpu-") -> str:
     """The work queue of a GPU class: `gpu-ed563892` for class id `ed563892-…`."""
@@ -84,13 +83,11 @@ def run_on_salad(queue: str, class_id: str, request: dict[str, Any], timeout_s: 
         job = client.create_job(queue, input={"benchmark": request},
                                 metadata={"purpose": "benchmark", "gpu_class_id": class_id})
         job_id = str(job["id"])
-        deadline = time.monotonic() + timeout_s
-        while True:
-            job = client.get_job(queue, job_id)
-            status = job.get("status")
-            if status in _SALAD_FINAL or time.monotonic() >= deadline:
-                break
-            time.sleep(poll_s)
+        try:
+            job = wait_salad_job(queue, job_id, client, poll_s=poll_s, timeout_s=timeout_s)
+        except SaladJobTimeout as exc:
+            raise RuntimeError(f"Salad benchmark job {job_id} on {queue}: {exc}") from None
+    status = job.get("status") if job is not None else None
     if status != "succeeded":
         raise RuntimeError(f"Salad benchmark job {job_id} on {queue}: {status or 'no status'}")
     return _single_result(job.get("output") or {})

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # The §4 request fields; anything else on a job (webhook_url, client metadata) stays with the orchestrator.
 JOB_INPUT_FIELDS = ("musetalk_job_id", "video_url", "audio_url", "aspect_ratio", "resolution", "params")
-TERMINAL = ("succeeded", "failed", "cancelled")
+SALAD_FINAL = ("succeeded", "failed", "cancelled")  # a Salad job's terminal statuses
 DEFAULT_POLL_S = 2.0
 DEFAULT_TIMEOUT_S = 3 * 3600.0
 
@@ -84,18 +84,27 @@ def outcome_of(salad_job: Mapping[str, Any], queue: str, job_id: Optional[str]) 
     return SaladOutcome(status="cancelled", salad_job_id=sid, queue=queue)
 
 
-def follow_salad_job(
+class SaladJobTimeout(RuntimeError):
+    """A Salad job did not end within its deadline (it has been cancelled in Salad)."""
+
+    def __init__(self, salad_job_id: str, timeout_s: float, last_status: Optional[str]):
+        super().__init__(f"the Salad job did not finish within {timeout_s:g} s (last status {last_status})")
+        self.salad_job_id, self.timeout_s, self.last_status = salad_job_id, timeout_s, last_status
+
+
+def wait_salad_job(
     queue: str,
     salad_job_id: str,
     client: SaladClient,
     *,
-    job_id: Optional[str] = None,
     poll_s: float = DEFAULT_POLL_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     is_cancelled: Optional[Callable[[], bool]] = None,
     on_status: Optional[Callable[[str], None]] = None,
-) -> SaladOutcome:
-    """Poll a Salad job until it ends (or the deadline, or ``is_cancelled()``); see the module doc.
+) -> Optional[dict[str, Any]]:
+    """Poll a Salad job until it ends: the terminal Salad job, whatever its input was (a §4 job or a
+    benchmark). None when ``is_cancelled()`` said so; :class:`SaladJobTimeout` past ``timeout_s``. Both
+    cancel the Salad job first, so no container keeps working on it.
 
     ``on_status`` hears each new Salad status (pending → running → …), e.g. to mark the run running.
     """
@@ -104,7 +113,7 @@ def follow_salad_job(
     while True:
         if is_cancelled is not None and is_cancelled():
             _cancel(client, queue, salad_job_id)
-            return SaladOutcome(status="cancelled", salad_job_id=salad_job_id, queue=queue)
+            return None
         try:
             salad_job = client.get_job(queue, salad_job_id)
         except SaladApiError as exc:
@@ -118,14 +127,32 @@ def follow_salad_job(
                 seen = status
                 if on_status is not None:
                     on_status(status)
-            if status in TERMINAL:
-                return outcome_of(salad_job, queue, job_id)
+            if status in SALAD_FINAL:
+                return salad_job
         if time.monotonic() >= deadline:
             _cancel(client, queue, salad_job_id)
-            return SaladOutcome(status="failed", salad_job_id=salad_job_id, queue=queue, body=_failure(
-                job_id, f"the Salad job did not finish within {timeout_s:g} s (last status {seen})",
-                retryable=True, reason="timeout"))
+            raise SaladJobTimeout(salad_job_id, timeout_s, seen)
         time.sleep(poll_s)
+
+
+def follow_salad_job(
+    queue: str,
+    salad_job_id: str,
+    client: SaladClient,
+    *,
+    job_id: Optional[str] = None,
+    **wait: Any,
+) -> SaladOutcome:
+    """Poll a Salad job until it ends (or the deadline, or ``is_cancelled()``; ``wait`` →
+    :func:`wait_salad_job`) and map it to the job's outcome; see the module doc."""
+    try:
+        salad_job = wait_salad_job(queue, salad_job_id, client, **wait)
+    except SaladJobTimeout as exc:
+        return SaladOutcome(status="failed", salad_job_id=salad_job_id, queue=queue, body=_failure(
+            job_id, str(exc), retryable=True, reason="timeout"))
+    if salad_job is None:
+        return SaladOutcome(status="cancelled", salad_job_id=salad_job_id, queue=queue)
+    return outcome_of(salad_job, queue, job_id)
 
 
 def _cancel(client: SaladClient, queue: str, salad_job_id: str) -> None:
