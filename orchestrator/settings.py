@@ -1,5 +1,6 @@
-"""Settings only the orchestrator reads (environment; ``MUSETALK_`` prefix). The shared ones — the
-internal API key, storage, SSRF policy — stay in :class:`tasks.settings.Settings`."""
+"""Settings only the orchestrator reads (environment, then ``.env`` like every settings class of the project;
+``MUSETALK_`` prefix). The shared ones — the internal API key, storage, SSRF policy — stay in
+:class:`tasks.settings.Settings`."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
+
+from tasks.settings import settings_config
 
 # Route kinds the ``auto`` policy may try, in the order an operator lists them.
 ROUTE_KINDS = ("buffer", "gpu", "salad")
 
 
 class OrchestratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+    # the project's one source configuration (environment, then the same .env file as every command)
+    model_config = settings_config()
 
     # Public API keys, comma-separated; a request must carry one as ``Authorization: Bearer <key>``.
     musetalk_api_keys: SecretStr | None = None
