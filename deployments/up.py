@@ -27,6 +27,8 @@ from typing import Callable, Literal
 
 import httpx
 
+from tasks.logs import disable_telemetry
+
 log = logging.getLogger(__name__)
 
 PY = sys.executable
@@ -83,7 +85,7 @@ def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, pr
        log_dir: Path = Path("up-logs"), tiny: bool = False, gpu_worker: bool = False) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    disable_telemetry(env)  # the Prefect server and every child started here
     api_keys = env.get("MUSETALK_API_KEYS") or f"mt-{secrets.token_urlsafe(18)}"
     env["MUSETALK_API_KEYS"] = api_keys
     env["INTERNAL_API_KEY"] = env.get("INTERNAL_API_KEY") or secrets.token_urlsafe(24)
