@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional

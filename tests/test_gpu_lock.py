@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from musetalk_engine.gpu_lock import GpuLock, gpu_lock_key

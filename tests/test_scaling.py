@@ -25,7 +25,6 @@ from tasks.salad import (
 )
 from tasks.scaling import (
     ClassDemand,
-    ClassScale,
     ScalePass,
     ScalingPolicy,
     cheapest_salad_class,

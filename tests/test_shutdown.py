@@ -85,7 +85,7 @@ def test_sigint_while_importing(tmp_path, tiny_models):
 
 def test_sigterm_while_loading_models(tmp_path, tiny_models):
     serve = Serve(tmp_path, tiny_models)
-    assert wait_until(lambda: (b := serve.hc()) is not None, 180, step=0.05), "no HTTP"
+    assert wait_until(lambda: serve.hc() is not None, 180, step=0.05), "no HTTP"
     assert serve.hc()["status"] == "loading"
     code, out = serve.stop(signal.SIGTERM)
     _assert_clean(code, out, serve)
