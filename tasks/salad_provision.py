@@ -188,8 +188,49 @@ def group_patch(spec: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str
 # ------------------------------------------------------------------------------------------ provision
 
 
-def _missing(exc: SaladApiError) -> bool:
-    return exc.status_code == 404
+def _read_or_none(read: Any, name: str) -> Optional[dict[str, Any]]:
+    """What Salad has under ``name`` (``read`` is a client getter), or None when it does not exist."""
+    try:
+        return read(name)
+    except SaladApiError as exc:
+        if exc.status_code != 404:
+            raise
+        return None
+
+
+def _provision_queue(client: Optional[SaladClient], entry: Mapping[str, Any], *, dry_run: bool) -> ProvisionAction:
+    """The class's job queue: created when missing; an existing queue has nothing to update."""
+    name = salad_names(entry).queue
+    exists = client is not None and _read_or_none(client.get_queue, name) is not None
+    if not exists and not dry_run:
+        client.create_queue(**queue_spec(entry))
+    return ProvisionAction(class_id=str(entry["id"]), class_name=str(entry["name"]), kind="queue", name=name,
+                           action="unchanged" if exists else "create")
+
+
+def _provision_group(client: Optional[SaladClient], entry: Mapping[str, Any], config: ProvisionConfig, *,
+                     dry_run: bool) -> ProvisionAction:
+    """The class's container group: created when missing, PATCHed where it differs from the spec; a group
+    connected to another queue is an error (Salad cannot change that on an existing group)."""
+    name = salad_names(entry).container_group
+    spec = container_group_spec(entry, config)
+    current = _read_or_none(client.get_container_group, name) if client is not None else None
+    base = {"class_id": str(entry["id"]), "class_name": str(entry["name"]), "kind": "container_group", "name": name}
+    if current is None:
+        if not dry_run:
+            client.create_container_group(spec)
+        return ProvisionAction(**base, action="create")
+    if _differs(spec["queue_connection"], current.get("queue_connection")):
+        return ProvisionAction(**base, action="error", detail=(
+            f"the group's queue connection is {current.get('queue_connection')!r}, not "
+            f"{spec['queue_connection']!r}; Salad cannot change it on an existing group — delete "
+            f"the group {name!r} and provision again"))
+    patch = group_patch(spec, current)
+    if not patch:
+        return ProvisionAction(**base, action="unchanged")
+    if not dry_run:
+        client.update_container_group(name, patch)
+    return ProvisionAction(**base, action="update", changes=sorted(patch))
 
 
 def provision(
@@ -214,56 +255,8 @@ def provision(
         entries = [e for e in entries if str(e["id"]) in class_ids]
     actions: list[ProvisionAction] = []
     for entry in entries:
-        cid, cname = str(entry["id"]), str(entry["name"])
-        names = salad_names(entry)
-
-        # -- queue
-        exists = False
-        if client is not None:
-            try:
-                client.get_queue(names.queue)
-                exists = True
-            except SaladApiError as exc:
-                if not _missing(exc):
-                    raise
-        if exists:
-            actions.append(ProvisionAction(class_id=cid, class_name=cname, kind="queue", name=names.queue,
-                                           action="unchanged"))
-        else:
-            if not dry_run:
-                client.create_queue(**queue_spec(entry))
-            actions.append(ProvisionAction(class_id=cid, class_name=cname, kind="queue", name=names.queue,
-                                           action="create"))
-
-        # -- container group
-        spec = container_group_spec(entry, config)
-        current: Optional[dict[str, Any]] = None
-        if client is not None:
-            try:
-                current = client.get_container_group(names.container_group)
-            except SaladApiError as exc:
-                if not _missing(exc):
-                    raise
-        base = {"class_id": cid, "class_name": cname, "kind": "container_group", "name": names.container_group}
-        if current is None:
-            if not dry_run:
-                client.create_container_group(spec)
-            actions.append(ProvisionAction(**base, action="create"))
-            continue
-        if _differs(spec["queue_connection"], current.get("queue_connection")):
-            actions.append(ProvisionAction(
-                **base, action="error", detail=(
-                    f"the group's queue connection is {current.get('queue_connection')!r}, not "
-                    f"{spec['queue_connection']!r}; Salad cannot change it on an existing group — delete "
-                    f"the group {names.container_group!r} and provision again")))
-            continue
-        patch = group_patch(spec, current)
-        if patch:
-            if not dry_run:
-                client.update_container_group(names.container_group, patch)
-            actions.append(ProvisionAction(**base, action="update", changes=sorted(patch)))
-        else:
-            actions.append(ProvisionAction(**base, action="unchanged"))
+        actions.append(_provision_queue(client, entry, dry_run=dry_run))
+        actions.append(_provision_group(client, entry, config, dry_run=dry_run))
     return actions
 
 
