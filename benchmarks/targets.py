@@ -16,15 +16,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 
 from benchmarks.schema import BenchmarkResult
 from musetalk_engine.files import atomic_write
-from tasks.scaling import ClassPrice, PriceList, read_prices, read_targets
-
-PathLike = Union[str, "os.PathLike[str]"]
+from tasks.scaling import ClassPrice, PathLike, PriceList, read_prices, read_targets
 
 _NAME_RE = re.compile(r"^\s*(?P<model>.+?)\s*\(\s*(?P<gb>\d+(?:\.\d+)?)\s*GB\s*\)\s*$", re.IGNORECASE)
 _VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro"}
