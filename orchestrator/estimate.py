@@ -20,8 +20,8 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
-from musetalk_engine.errors import MediaError
 from musetalk_engine.framing import validate_framing
+from orchestrator.schemas import media_rule
 from tasks.scaling import Candidate, PriceList, cheapest_salad_class, measured_classes
 
 
@@ -39,10 +39,7 @@ class EstimateRequest(BaseModel):
     @classmethod
     def _resolution(cls, value: Optional[str]) -> Optional[str]:
         # the rule a job's own resolution meets: an estimate for one that POST /v1/avatar/jobs refuses is no use
-        try:
-            validate_framing(None, value)
-        except MediaError as exc:
-            raise ValueError(exc.message) from None
+        media_rule(validate_framing, None, value)
         return value
 
 

@@ -3,7 +3,7 @@ These models are also its OpenAPI schema."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -13,6 +13,15 @@ from orchestrator.jobs import JobStatus
 from tasks.contract import JobParams
 from tasks.progress import Phase, Status
 from tasks.storage import safe_job_id
+
+
+def media_rule(check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)`` — one of the workers' own input rules — with its :class:`MediaError` turned into the
+    ``ValueError`` pydantic reports as a 422 naming the field: the API refuses what a worker would."""
+    try:
+        return check(*args)
+    except MediaError as exc:
+        raise ValueError(exc.message) from None
 
 
 class JobCreate(BaseModel):
@@ -39,17 +48,11 @@ class JobCreate(BaseModel):
     def _id(cls, value: str | None) -> str | None:
         # the workers' own rule (ids name files, storage keys, tags): an id they would refuse is refused here,
         # at submit, not after the job has waited in a queue
-        try:
-            return None if value is None else safe_job_id(value)
-        except MediaError as exc:
-            raise ValueError(exc.message) from None
+        return None if value is None else media_rule(safe_job_id, value)
 
     @model_validator(mode="after")
     def _framing(self) -> "JobCreate":
-        try:
-            validate_framing(self.aspect_ratio, self.resolution)
-        except MediaError as exc:
-            raise ValueError(exc.message) from None
+        media_rule(validate_framing, self.aspect_ratio, self.resolution)
         return self
 
 
