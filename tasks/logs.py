@@ -216,6 +216,14 @@ def _adopt_library_loggers() -> None:
         logger.propagate = True
 
 
+def _unwrapped_factory() -> Callable[..., logging.LogRecord]:
+    """The record factory in place before any :func:`configure_logging` call."""
+    factory = logging.getLogRecordFactory()
+    while isinstance(factory, CleanRecordFactory):
+        factory = factory.previous
+    return factory
+
+
 def disable_telemetry(environ: dict[str, str] | None = None) -> None:
     """Prefect's telemetry off here and in every child process (the environment is inherited)."""
     env = os.environ if environ is None else environ
@@ -238,10 +246,7 @@ def configure_logging(level: int | str = logging.INFO, *, fmt: str | None = None
         settings = get_settings()
         fmt = fmt or settings.musetalk_log_format
         max_chars = max_chars if max_chars is not None else settings.musetalk_log_max_chars
-    factory = logging.getLogRecordFactory()
-    while isinstance(factory, CleanRecordFactory):
-        factory = factory.previous
-    logging.setLogRecordFactory(CleanRecordFactory(factory, max_chars))
+    logging.setLogRecordFactory(CleanRecordFactory(_unwrapped_factory(), max_chars))
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
@@ -259,10 +264,7 @@ def configure_logging(level: int | str = logging.INFO, *, fmt: str | None = None
 
 def reset_logging() -> None:
     """Undo :func:`configure_logging` (tests)."""
-    factory = logging.getLogRecordFactory()
-    while isinstance(factory, CleanRecordFactory):
-        factory = factory.previous
-    logging.setLogRecordFactory(factory)
+    logging.setLogRecordFactory(_unwrapped_factory())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
         root.removeHandler(old)

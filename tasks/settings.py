@@ -35,6 +35,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from musetalk_engine.gpu_lock import DEFAULT_LOCK_DIR
+from tasks.logs import DEFAULT_MAX_CHARS
 
 REDACTED = "***"
 # Shorter "secrets" are not scrubbed: replacing every "ab" in every log line would make logs unreadable,
@@ -140,7 +141,7 @@ class Settings(BaseSettings):
 
     # --- logging (tasks/logs.py): text or one JSON object per line; longer messages are cut
     musetalk_log_format: Literal["text", "json"] = "text"
-    musetalk_log_max_chars: int = Field(4000, ge=200)
+    musetalk_log_max_chars: int = Field(DEFAULT_MAX_CHARS, ge=200)
 
     # --- engine knobs
     musetalk_landmarks: str = "auto"
