@@ -347,7 +347,7 @@ def cmd_salad(args) -> int:
     """Create or update each GPU class's Salad queue and container group (idempotent)."""
     import json
 
-    from tasks.salad import ENV_API_KEY, salad_client_from_env
+    from tasks.salad import salad_client_from_env, salad_configured
     from tasks.salad_provision import ProvisionConfig, provision, worker_environment
     from tasks.scaling import read_targets
 
@@ -355,7 +355,7 @@ def cmd_salad(args) -> int:
                              environment=worker_environment())
     targets = read_targets(args.targets)
     # A dry run without credentials still prints the plan (everything to create).
-    client = salad_client_from_env() if (os.environ.get(ENV_API_KEY) or not args.dry_run) else None
+    client = salad_client_from_env() if (salad_configured() or not args.dry_run) else None
     try:
         actions = provision(client, targets, config, dry_run=args.dry_run, class_ids=args.class_ids or None)
     finally:

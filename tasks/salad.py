@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import quote
 
@@ -25,7 +24,7 @@ from pydantic import SecretStr
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
 from tasks.http_client import PooledClient
-from tasks.settings import redact
+from tasks.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +245,27 @@ class SaladClient(PooledClient):
             raise exc.last_attempt.exception().error from None
 
 
+def salad_credentials(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME and SALAD_API_BASE_URL (empty when unset): from
+    ``env`` when given (tests), else from the project's settings — the environment and ``.env`` — read
+    now rather than from the cached settings, so a process whose environment changed sees the change."""
+    if env is not None:
+        return {name: env.get(name) or "" for name in (ENV_API_KEY, ENV_ORG, ENV_PROJECT, ENV_BASE_URL)}
+    settings = Settings()
+    key = settings.salad_api_key.get_secret_value() if settings.salad_api_key else ""
+    return {ENV_API_KEY: key, ENV_ORG: settings.salad_org_name or "", ENV_PROJECT: settings.salad_project_name or "",
+            ENV_BASE_URL: settings.salad_api_base_url or ""}
+
+
 def salad_client_from_env(env: Optional[Mapping[str, str]] = None, **kwargs: Any) -> SaladClient:
-    """Build a client from SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME (and SALAD_API_BASE_URL)."""
-    env = os.environ if env is None else env
-    missing = [n for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT) if not env.get(n)]
+    """Build a client from SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME (and SALAD_API_BASE_URL), read
+    as :func:`salad_credentials` says."""
+    found = salad_credentials(env)
+    missing = [n for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT) if not found[n]]
     if missing:
-        raise RuntimeError(f"Salad API settings missing from the environment: {', '.join(missing)}")
-    return SaladClient(
-        SecretStr(env[ENV_API_KEY]),
-        env[ENV_ORG],
-        env[ENV_PROJECT],
-        base_url=env.get(ENV_BASE_URL) or DEFAULT_BASE_URL,
-        **kwargs,
-    )
+        raise RuntimeError(f"Salad API settings missing from the environment and .env: {', '.join(missing)}")
+    return SaladClient(SecretStr(found[ENV_API_KEY]), found[ENV_ORG], found[ENV_PROJECT],
+                       base_url=found[ENV_BASE_URL] or DEFAULT_BASE_URL, **kwargs)
 
 
 # ------------------------------------------------------------------------- Prefect tasks
@@ -294,9 +301,9 @@ def read_replicas(container_group: str) -> int:
 
 
 def salad_configured(env: Optional[Mapping[str, str]] = None) -> bool:
-    """True when the Salad API key, organization and project are all set."""
-    env = os.environ if env is None else env
-    return all(env.get(n) for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT))
+    """True when the Salad API key, organization and project are all set (see :func:`salad_credentials`)."""
+    found = salad_credentials(env)
+    return all(found[n] for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT))
 
 
 @task(name="salad-set-replicas", **_TASK_OPTS)

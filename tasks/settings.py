@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     salad_api_key: SecretStr | None = None
     salad_org_name: str | None = None
     salad_project_name: str | None = None
+    salad_api_base_url: str | None = None  # the fake Salad API in tests; unset: Salad's public API
 
     # --- input limits and network policy
     musetalk_max_download_mb: float = Field(500.0, gt=0)

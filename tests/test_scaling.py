@@ -284,6 +284,33 @@ def test_client_from_env_names_missing_variables_only() -> None:
     c.close()
 
 
+def test_salad_credentials_come_from_dotenv_like_every_other_setting(monkeypatch) -> None:
+    """The dotenv file configures Salad too (it was read straight from os.environ); an exported variable
+    wins over it."""
+    import os
+    from pathlib import Path
+
+    from tasks.salad import salad_configured
+    from tasks.settings import env_file
+
+    for name in ("SALAD_API_KEY", "SALAD_ORG_NAME", "SALAD_PROJECT_NAME", "SALAD_API_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    dotenv = Path(env_file())  # the file every settings class reads (the tests' own, normally absent)
+    assert not dotenv.exists() and os.environ.get("MUSETALK_ENV_FILE")
+    dotenv.write_text(f"SALAD_API_KEY={API_KEY}\nSALAD_ORG_NAME=dotenv-org\nSALAD_PROJECT_NAME={PROJECT}\n"
+                      "SALAD_API_BASE_URL=http://127.0.0.1:9/api/public\n")
+    try:
+        assert salad_configured()
+        monkeypatch.setenv("SALAD_ORG_NAME", ORG)
+        with salad_client_from_env(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={}))) as c:
+            assert (c.org, c.project, c.base_url) == (ORG, PROJECT, "http://127.0.0.1:9/api/public")
+        dotenv.write_text("SALAD_API_KEY=\n")
+        monkeypatch.delenv("SALAD_ORG_NAME")
+        assert not salad_configured()
+    finally:
+        dotenv.unlink()
+
+
 # ------------------------------------------------------------------------ scaling pass and flow
 
 
