@@ -75,11 +75,15 @@ def load_definition(path: Path | None = None) -> dict[str, Any]:
 
 def definition_for(pool: str = POOL_NAME, job_variables: Mapping[str, Any] | None = None,
                    parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+                   source: dict[str, Any] | None = None, schedules_active: bool = True) -> dict[str, Any]:
     """The YAML with the ``gpu`` deployments moved to ``pool``, ``job_variables`` added to every deployment
-    and ``parameters`` (keyed by deployment name, e.g. ``salad-autoscale``) merged into theirs."""
+    and ``parameters`` (keyed by deployment name, e.g. ``salad-autoscale``) merged into theirs;
+    ``schedules_active=False`` registers every schedule paused (switched on in the UI or by a later
+    ``musetalk-flow deploy``)."""
     definition = copy.deepcopy(source if source is not None else load_definition())
     for entry in definition["deployments"]:
+        for schedule in entry.get("schedules") or ():
+            schedule["active"] = bool(schedule.get("active", True)) and schedules_active
         work_pool = entry.setdefault("work_pool", {})
         if work_pool.get("name") == POOL_NAME:
             work_pool["name"] = pool
@@ -132,14 +136,14 @@ def ensure_work_pool(pool: str = POOL_NAME, queues: dict[str, int] | None = None
 # ------------------------------------------------------------------------------------------- deployments
 
 def deploy(pool: str = POOL_NAME, job_variables: dict[str, Any] | None = None, pool_limit: int | None = None,
-           parameters: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, UUID]:
+           parameters: Mapping[str, Mapping[str, Any]] | None = None, schedules_active: bool = True) -> dict[str, UUID]:
     """Create the pools and queues, then apply ``prefect.yaml`` with ``prefect deploy --all``;
     ``{"batch/gpu": id, ...}`` for every deployment it defines. See :func:`definition_for` for the
     arguments; ``pool_limit`` caps ``pool`` (the GPU pool)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    definition = definition_for(pool, job_variables, parameters)
+    definition = definition_for(pool, job_variables, parameters, schedules_active=schedules_active)
     for name in pools_of(definition):
         ensure_work_pool(name, concurrency_limit=pool_limit if name == pool else None)
     with get_client(sync_client=True) as client:

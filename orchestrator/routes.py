@@ -16,6 +16,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from deployments.workpool import BUFFER_POOL, POOL_NAME, SALAD_POOL
+from tasks.salad import salad_configured
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,10 @@ async def deployment_id(client: PrefectClient, name: str) -> UUID:
             from deployments.workpool import deploy
 
             log.info("deployment %s is missing: registering the project's deployments", name)
-            await asyncio.to_thread(deploy)
+            # The Salad autoscale schedule starts paused where Salad is not configured: on one machine
+            # (`musetalk-flow up`) no control worker would take its runs, which would pile up as Late
+            # every minute (and, on SQLite, compete with the claims for the one writer).
+            await asyncio.to_thread(deploy, schedules_active=salad_configured())
             deployment = await client.read_deployment_by_name(name)
         _deployment_ids[key] = deployment.id
     return deployment.id

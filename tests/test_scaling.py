@@ -436,8 +436,21 @@ def test_scale_flow_and_its_schedule(salad_fleet, tmp_path: Path, monkeypatch) -
         dep = pc.read_deployment(ids["scale/salad-autoscale"])
     assert dep.work_pool_name == CONTROL_POOL and dep.parameters == {"dry_run": False,
                                                                      "targets_path": "config/gpu_targets.json"}
-    assert dep.schedules[0].schedule.interval.total_seconds() == 60
+    assert dep.schedules[0].schedule.interval.total_seconds() == 60 and dep.schedules[0].active
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1  # one pass at a time
 
     monkeypatch.delenv("SALAD_API_KEY")
     assert scale(targets_path=str(targets), dry_run=False)["skipped"] == "salad not configured"
+
+
+def test_schedules_can_be_registered_paused() -> None:
+    """The orchestrator's own deploy (where Salad is not configured) registers the autoscale schedule
+    paused, so no Late runs pile up on a machine without a control worker; `musetalk-flow deploy` keeps it on."""
+    from deployments.workpool import definition_for
+
+    def schedules(definition: dict) -> dict[str, list[bool]]:
+        return {e["name"]: [bool(s.get("active", True)) for s in e["schedules"]]
+                for e in definition["deployments"] if e.get("schedules")}
+
+    assert schedules(definition_for()) == {"salad-autoscale": [True]}
+    assert schedules(definition_for(schedules_active=False)) == {"salad-autoscale": [False]}
