@@ -45,7 +45,7 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
-from deployments.up import poll_http
+from tasks.http_client import poll_http
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

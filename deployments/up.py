@@ -23,10 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Literal
 
-import httpx
-
+from tasks.http_client import poll_http
 from tasks.logs import disable_telemetry
 
 log = logging.getLogger(__name__)
@@ -52,23 +50,6 @@ class Child:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()
-
-
-def poll_http(url: str, timeout: float, *, exited: Callable[[], bool],
-              request_timeout: float) -> Literal["up", "exited", "timeout"]:
-    """Asks ``url`` every half second until it answers 200 ("up"), the process meant to serve it has
-    ``exited()`` (checked before each try, so a crash is not waited out), or ``timeout`` s pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if exited():
-            return "exited"
-        try:
-            if httpx.get(url, timeout=request_timeout).status_code == 200:
-                return "up"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return "timeout"
 
 
 def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -> None:

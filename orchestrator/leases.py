@@ -48,7 +48,7 @@ from orchestrator.jobs import (
 )
 from orchestrator.results import persist_outcome
 from orchestrator.routes import deployment_id
-from tasks.contract import JobOutcome
+from tasks.contract import JobOutcome, failure_status
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def outcome_of_report(report: dict[str, Any], job_id: str | None) -> JobOutcome:
             "stage": error.get("stage") or "inference", "details": error.get("details") or {},
             "retryable": bool(error.get("retryable", error_type != "media_error")),
             "stage_times": (report.get("metrics") or {}).get("stage_times") or {}, "musetalk_job_id": job_id}
-    return JobOutcome(http_status=422 if body["error_type"] == "media_error" else 500, body=body)
+    return JobOutcome(http_status=failure_status(body["error_type"]), body=body)
 
 
 async def report(client: PrefectClient, lease: str, body: dict[str, Any], max_attempts: int) -> str:

@@ -15,7 +15,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import WorkerStatus
 
 from orchestrator.routes import POOL_OF_KIND, Route
-from orchestrator.salad_runs import salad_configured
+from tasks.salad import salad_configured
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.workers import ROSTER_MAX_AGE_S, buffer_workers, utcnow
 from tasks.scaling import PriceList, cheapest_salad_class, read_prices, read_targets

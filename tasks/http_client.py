@@ -1,8 +1,10 @@
-"""The lifetime both API clients (orchestrator, SaladCloud) give their connection pool."""
+"""HTTP plumbing shared by the project's clients: the connection-pool lifetime of both API clients
+(orchestrator, SaladCloud) and the wait for a server a child process is starting."""
 
 from __future__ import annotations
 
-from typing import Self
+import time
+from typing import Callable, Literal, Self
 
 import httpx
 
@@ -21,3 +23,20 @@ class PooledClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def poll_http(url: str, timeout: float, *, exited: Callable[[], bool],
+              request_timeout: float) -> Literal["up", "exited", "timeout"]:
+    """Asks ``url`` every half second until it answers 200 ("up"), the process meant to serve it has
+    ``exited()`` (checked before each try, so a crash is not waited out), or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exited():
+            return "exited"
+        try:
+            if httpx.get(url, timeout=request_timeout).status_code == 200:
+                return "up"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return "timeout"
