@@ -29,7 +29,6 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
-
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from tasks.http_client import PooledClient
@@ -45,13 +44,13 @@ progress_listener: ContextVar[Callable[[str, float], None] | None] = ContextVar(
 Status = Literal["running", "succeeded", "failed"]
 Phase = Literal["preparing", "inferring", "encoding", "uploading", "completed", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
+PHASES: tuple[str, ...] = get_args(Phase)
 TERMINAL_STATUSES = ("succeeded", "failed")
 # How long a reporter keeps retrying a job's terminal update while the orchestrator is unreachable or
 # answers 5xx (an orchestrator restart takes seconds). ``close`` waits for it only up to its own timeout,
 # so a dead orchestrator delays a job's answer by at most that; a long-lived worker process (serve,
 # buffer) keeps retrying on the background thread after the job has answered.
 FINAL_RETRY_SEC = 60.0
-PHASES: tuple[str, ...] = get_args(Phase)
 API_KEY_HEADER = "X-Internal-API-Key"
 _EXCERPT = 200
 
@@ -152,7 +151,9 @@ class OrchestratorClient(PooledClient):
                       metrics: dict[str, Any] | None = None, error: Any = None,
                       output_url: str | None = None) -> int | None:
         """POST the job's progress; never raises. 200 for any 2xx, else the HTTP status, None when no
-        answer came (so a caller can tell an outage worth retrying from a refusal)."""
+        answer came (so a caller can tell an outage worth retrying from a refusal); 422, as the
+        orchestrator would answer, when the update could not be sent at all (an invalid status or phase,
+        metrics that are not JSON): repeating it cannot help."""
         path = f"/internal/jobs/{_quote(job_id)}/progress"
         if status not in STATUSES or phase not in PHASES:
             log.error("progress for %s not sent: invalid status %r / phase %r", job_id, status, phase)
