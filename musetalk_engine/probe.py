@@ -4,7 +4,11 @@ One wrapper because a probe is where a hostile file first meets the worker: ``-p
 keeps playlist formats off the network, ``-format_whitelist`` (:data:`ALLOWED_DEMUXERS`) keeps them from
 reading *other local files*, the ``file:`` prefix keeps a name starting with ``-`` from being read as an
 option, and a hung probe is killed after its timeout. Later decodes of a file need no whitelist of their
-own: they only ever see files a probe accepted."""
+own: they only ever see files a probe accepted.
+
+Answers are remembered per version of a regular file (path, device, inode, size, mtime and ctime; the 32
+most recent), because a job's validation and its render's decode ask about the same input; a failure is
+never remembered."""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ import json
 import os
 import stat
 import subprocess
-import threading
-from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +55,6 @@ class ProbeFailed(Exception):
         self.timed_out = timed_out
 
 
-# answers remembered (see the module's docstring): a job's two inputs, a few jobs back
-_REMEMBERED = 32
-_answers: OrderedDict[tuple, bytes] = OrderedDict()
-_answers_lock = threading.Lock()
-
-
 def _identity(path: Path) -> tuple | None:
     """What identifies this version of a regular file; None for anything else (never remembered)."""
     try:
@@ -69,34 +66,27 @@ def _identity(path: Path) -> tuple | None:
     return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@lru_cache(maxsize=32)  # a job's two inputs, a few jobs back
+def _remembered_answer(identity: tuple, timeout: float) -> bytes:
+    """ffprobe's answer for one version of a file. A failure raises and so is never remembered; a file
+    changed while it was read gets a new identity, so its entry can never answer again."""
+    return _run_ffprobe(Path(identity[0]), timeout)
+
+
 def forget_probes() -> None:
-    """Drop every remembered answer (tests; a benchmark that must pay for each probe)."""
-    with _answers_lock:
-        _answers.clear()
+    """Drop every remembered answer (tests)."""
+    _remembered_answer.cache_clear()
 
 
 def ffprobe(path: str | Path, *, timeout: float = PROBE_TIMEOUT_SEC) -> dict[str, Any]:
     """ffprobe's JSON (``-show_format -show_streams``) for ``path``; :class:`ProbeFailed` when it cannot
-    read it, a non-retryable ProcessingError when ffprobe is not installed. An unchanged file probed
-    before is answered from memory (a fresh copy of the same JSON)."""
+    read it, a non-retryable ProcessingError when ffprobe is not installed. An unchanged regular file
+    probed before is answered from memory (a fresh copy of the same JSON): the render's decode and the
+    job's validation ask about the same input."""
     resolved = Path(path).resolve()
     identity = _identity(resolved)
-    if identity is not None:
-        with _answers_lock:
-            remembered = _answers.get(identity)
-            if remembered is not None:
-                _answers.move_to_end(identity)
-        if remembered is not None:
-            return json.loads(remembered)
-    answer = _run_ffprobe(resolved, timeout)
-    data = _parse(answer)
-    # remembered only if the file did not change while ffprobe read it
-    if identity is not None and _identity(resolved) == identity:
-        with _answers_lock:
-            _answers[identity] = answer
-            while len(_answers) > _REMEMBERED:
-                _answers.popitem(last=False)
-    return data
+    answer = _run_ffprobe(resolved, timeout) if identity is None else _remembered_answer(identity, timeout)
+    return _parse(answer)
 
 
 def _parse(answer: bytes) -> dict[str, Any]:
