@@ -75,12 +75,12 @@ def load_definition(path: Path | None = None) -> dict[str, Any]:
 
 def definition_for(pool: str = POOL_NAME, job_variables: Mapping[str, Any] | None = None,
                    parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                   source: dict[str, Any] | None = None, schedules_active: bool = True) -> dict[str, Any]:
+                   schedules_active: bool = True) -> dict[str, Any]:
     """The YAML with the ``gpu`` deployments moved to ``pool``, ``job_variables`` added to every deployment
     and ``parameters`` (keyed by deployment name, e.g. ``salad-autoscale``) merged into theirs;
     ``schedules_active=False`` registers every schedule paused (switched on in the UI or by a later
     ``musetalk-flow deploy``)."""
-    definition = copy.deepcopy(source if source is not None else load_definition())
+    definition = copy.deepcopy(load_definition())
     for entry in definition["deployments"]:
         for schedule in entry.get("schedules") or ():
             schedule["active"] = bool(schedule.get("active", True)) and schedules_active

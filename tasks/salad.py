@@ -257,11 +257,16 @@ def salad_credentials(env: Optional[Mapping[str, str]] = None) -> dict[str, str]
             ENV_BASE_URL: settings.salad_api_base_url or ""}
 
 
+def _missing(found: Mapping[str, str]) -> list[str]:
+    """The required Salad settings that are unset (the base URL has a default)."""
+    return [name for name in (ENV_API_KEY, ENV_ORG, ENV_PROJECT) if not found[name]]
+
+
 def salad_client_from_env(env: Optional[Mapping[str, str]] = None, **kwargs: Any) -> SaladClient:
     """Build a client from SALAD_API_KEY, SALAD_ORG_NAME, SALAD_PROJECT_NAME (and SALAD_API_BASE_URL), read
     as :func:`salad_credentials` says."""
     found = salad_credentials(env)
-    missing = [n for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT) if not found[n]]
+    missing = _missing(found)
     if missing:
         raise RuntimeError(f"Salad API settings missing from the environment and .env: {', '.join(missing)}")
     return SaladClient(SecretStr(found[ENV_API_KEY]), found[ENV_ORG], found[ENV_PROJECT],
@@ -302,8 +307,7 @@ def read_replicas(container_group: str) -> int:
 
 def salad_configured(env: Optional[Mapping[str, str]] = None) -> bool:
     """True when the Salad API key, organization and project are all set (see :func:`salad_credentials`)."""
-    found = salad_credentials(env)
-    return all(found[n] for n in (ENV_API_KEY, ENV_ORG, ENV_PROJECT))
+    return not _missing(salad_credentials(env))
 
 
 @task(name="salad-set-replicas", **_TASK_OPTS)
