@@ -169,11 +169,14 @@ class BufferLoop:
             self._beat_thread.join(timeout)
         self.client.close()
 
+    def _can_claim(self) -> bool:
+        """Warm, a render slot free, a claim left under the capacity, and still claiming."""
+        return (self._ready() and not self._busy() and self.held < self.capacity
+                and not self._stop_claims.is_set())
+
     def status(self) -> str:
-        """``idle`` only when a claim could be made now: warm, a render slot free, a claim left."""
-        claimable = (self._ready() and not self._busy() and self.held < self.capacity
-                     and not self._stop_claims.is_set())
-        return "idle" if claimable else "busy"
+        """``idle`` exactly when the claim thread would claim now."""
+        return "idle" if self._can_claim() else "busy"
 
     def _note(self, what: str, exc: BaseException) -> None:
         text = redact(f"{what}: {exc}")[:MAX_ERROR_CHARS]
@@ -216,7 +219,7 @@ class BufferLoop:
     def _claim_loop(self) -> None:
         failures = 0
         while not self._stop_claims.is_set():
-            if not self._ready() or self._busy() or self.held >= self.capacity:
+            if not self._can_claim():
                 self._pause_while_full(min(self.interval, 0.5))
                 continue
             try:
