@@ -53,6 +53,11 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
+def idle_after(fake, at: float) -> bool:
+    """A heartbeat later than ``at`` said idle."""
+    return any(b["at"] > at and b["body"]["status"] == "idle" for b in fake.of("/heartbeat"))
+
+
 # --------------------------------------------------------------------------------- loop against fakes
 
 
@@ -195,7 +200,10 @@ def test_claimed_job_renders_while_heartbeats_and_progress_keep_flowing(buffer_e
             assert app.state.service.wait_ready(240), app.state.service.load_error
             assert client.get("/hc").status_code == 200
             assert wait_until(lambda: fake.of("/status"), 240, step=0.2), "no status report"
-            time.sleep(INTERVAL * 2)  # the worker is idle again
+            # the worker says idle again once the claim is released (waited for, not slept: CI machines are slow;
+            # beats sent while the app shuts down say busy, so the last beat overall proves nothing)
+            assert wait_until(lambda: idle_after(fake, fake.of("/status")[0]["at"]), 30, step=0.1), \
+                "no idle heartbeat after the report"
     assert Engine.loads >= 1
 
     (report,) = fake.of("/status")
@@ -217,7 +225,6 @@ def test_claimed_job_renders_while_heartbeats_and_progress_keep_flowing(buffer_e
     assert all(b["body"]["status"] == "busy" for b in during)
     window = [b["at"] for b in beats if claimed["at"] <= b["at"] <= report["at"]]
     assert max(gaps(window)) < 2.0, gaps(window)
-    assert beats[-1]["body"]["status"] == "idle"
 
     # progress arrived live, not in a burst at the end
     progress = fake.of("/internal/jobs/job-7/progress")
