@@ -82,6 +82,8 @@ async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str
     except BaseException:
         _beats_sent.get(asyncio.get_running_loop(), {}).pop((str(client.api_url), worker_id), None)  # resend next time
         raise
+    if beat is not None:  # Prefect's record moved (online again, maybe): a roster read before now is stale
+        _roster_of(client).changed_at = time.monotonic()
     try:
         before = json.loads(previous.value) if previous is not None and isinstance(previous.value, str) else {}
     except (TypeError, ValueError):

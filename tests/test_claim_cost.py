@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import httpx
@@ -92,3 +93,56 @@ def test_limit_writes_wraps_the_prefect_clients_transport():
         assert client._client._transport.semaphore._value == 2
 
     asyncio.run(go())
+
+
+class _SlowRoster:
+    """The few PrefectClient calls orchestrator/workers.py makes: a worker record whose heartbeat moves only
+    when a Prefect worker heartbeat is sent, and a roster read that takes a while."""
+
+    api_url = "http://prefect.test/api"
+
+    def __init__(self):
+        self.last_beat = datetime.now(timezone.utc) - timedelta(minutes=5)  # offline by now
+        self.variable = None
+
+    async def send_worker_heartbeat(self, pool, name, heartbeat_interval_seconds):
+        self.last_beat = datetime.now(timezone.utc)
+
+    async def read_variable_by_name(self, name):
+        return self.variable
+
+    async def update_variable(self, update):
+        self.variable = SimpleNamespace(name=update.name, value=update.value)
+
+    async def create_variable(self, create):
+        self.variable = SimpleNamespace(name=create.name, value=create.value)
+
+    async def read_workers_for_work_pool(self, pool):
+        seen = self.last_beat  # what the read saw when it started
+        await asyncio.sleep(1.0)
+        return [SimpleNamespace(name="w1", last_heartbeat_time=seen)]
+
+    async def read_variables(self):
+        return [self.variable] if self.variable else []
+
+
+def test_a_read_begun_before_a_heartbeat_is_not_the_answer_after_it():
+    """A worker back online with an unchanged body: its beat writes no variable, but a fresh read (max_age 0)
+    must not share a read that began while it was still offline (the claim would be refused with 409)."""
+    from orchestrator.workers import buffer_workers, record_heartbeat, utcnow
+    OFFLINE = 3.0  # a beat reaches Prefect at most every 0.5 s; a roster read takes 1 s
+
+    async def scenario():
+        client = _SlowRoster()
+        body = {"status": "idle", "gpu_class": "g", "capacity": 1, "error": None}
+        await record_heartbeat(client, "w1", body, offline_sec=OFFLINE)
+        client.last_beat = client.last_beat.replace(year=client.last_beat.year - 1)  # then it went silent
+        stale = asyncio.ensure_future(buffer_workers(client))
+        await asyncio.sleep(0.05)  # the read is in flight
+        await asyncio.sleep(OFFLINE / 6)  # due again: this beat reaches Prefect, with the same body as before
+        await record_heartbeat(client, "w1", body, offline_sec=OFFLINE)
+        fresh = await buffer_workers(client, max_age=0)
+        assert not (await stale)["w1"].online(utcnow(), OFFLINE)
+        assert fresh["w1"].online(utcnow(), OFFLINE)
+
+    asyncio.run(scenario())
