@@ -82,8 +82,12 @@ async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str
     except BaseException:
         _beats_sent.get(asyncio.get_running_loop(), {}).pop((str(client.api_url), worker_id), None)  # resend next time
         raise
-    if beat is not None:  # Prefect's record moved (online again, maybe): a roster read before now is stale
-        _roster_of(client).changed_at = time.monotonic()
+    roster = _roster_of(client)
+    known = roster.workers.get(worker_id)
+    if beat is not None and (known is None or not known.online(utcnow(), offline_sec / 2)):
+        # new, or back from (near) offline by this beat alone: a roster read begun before it could refuse its
+        # claim; a healthy worker's beat leaves the shared roster alone (claims stay cheap)
+        roster.changed_at = time.monotonic()
     try:
         before = json.loads(previous.value) if previous is not None and isinstance(previous.value, str) else {}
     except (TypeError, ValueError):
@@ -105,7 +109,7 @@ async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str
         except ObjectAlreadyExists:  # another replica created it a moment ago
             await client.update_variable(VariableUpdate(name=name, value=value))
     finally:
-        _roster_of(client).changed_at = time.monotonic()  # a roster read before now is stale in this process
+        roster.changed_at = time.monotonic()  # a roster read before now is stale in this process
 
 
 class _Roster:
