@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
+from .device_names import DEVICE_PATTERN
 from .errors import ProcessingError
-
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class DeviceUnavailableError(ProcessingError):

@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field
 
 from . import audio as audio_mod
 from .avatar import Avatar, AvatarCache, PrepareParams, avatar_key, file_sha256, prepare_avatar
-from .device import DEVICE_PATTERN, device_scope, empty_caches, resolve_device
+from .device import device_scope, empty_caches, resolve_device
+from .device_names import DEVICE_PATTERN
 from .errors import MediaError
 from .face_generator import FaceGenerator
 from .gpu_lock import DEFAULT_LOCK_DIR, GpuLock, gpu_lock_key

@@ -34,6 +34,7 @@ from typing import Iterable, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from musetalk_engine.device_names import DEVICE_PATTERN, canonical_slot_device
 from musetalk_engine.gpu_lock import DEFAULT_LOCK_DIR
 from tasks.logs import DEFAULT_MAX_CHARS
 
@@ -170,12 +171,6 @@ class Settings(BaseSettings):
     @field_validator("musetalk_device")
     @classmethod
     def _valid_device(cls, value: str) -> str:
-        # imported here: musetalk_engine.device imports torch (3 s), which every CLI start, even one that
-        # only reports a missing file, would otherwise pay; the default needs no check
-        if value == "auto":
-            return value
-        from musetalk_engine.device import DEVICE_PATTERN
-
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError(f"MUSETALK_DEVICE {value!r}: use auto, cpu, cuda or cuda:N")
         return value
@@ -253,7 +248,6 @@ class Settings(BaseSettings):
 
 
 DEVICES_ENV = "MUSETALK_DEVICES"
-_SLOT_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def parse_devices(text: str) -> list[str] | Literal["all"] | None:
@@ -269,10 +263,10 @@ def parse_devices(text: str) -> list[str] | Literal["all"] | None:
         return "all"
     names = []
     for raw in text.split(","):
-        name = raw.strip().lower()
-        if not _SLOT_DEVICE.fullmatch(name):
-            raise ValueError(f"{DEVICES_ENV}: {raw.strip()!r} is not cpu, cuda or cuda:N (or use 'all' alone)")
-        name = "cuda:0" if name == "cuda" else f"cuda:{int(name[5:])}" if name.startswith("cuda:") else name
+        try:
+            name = canonical_slot_device(raw)
+        except ValueError as exc:
+            raise ValueError(f"{DEVICES_ENV}: {exc} (or use 'all' alone)") from None
         if name != "cpu" and name in names:
             raise ValueError(f"{DEVICES_ENV}: {name} is listed twice; one GPU takes one render slot")
         names.append(name)

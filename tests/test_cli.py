@@ -73,6 +73,13 @@ def test_a_wrong_path_costs_no_heavy_import(tmp_path):
             "print(rc, sorted(m for m in ('torch', 'prefect') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    # nor does reading settings that name GPUs (their spelling is checked without torch)
+    code = ("import sys; from tasks.settings import Settings; s = Settings(); "
+            "print(s.musetalk_device, s.device_list, 'torch' in sys.modules)")
+    env = {**os.environ, "MUSETALK_DEVICE": "cuda:1", "MUSETALK_DEVICES": "cuda,cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=env)
+    assert proc.stdout.strip() == "cuda:1 ['cuda:0', 'cpu'] False", proc.stdout + proc.stderr
 
 
 def test_audio_passed_as_video_is_named(media, tmp_path, home):
