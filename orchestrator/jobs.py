@@ -19,7 +19,8 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.states import Scheduled
 
 from orchestrator.progress_artifacts import read_progress
 from orchestrator.results import read_outcome
@@ -30,11 +31,17 @@ WORKER_LABEL = "musetalk.worker"
 LEASE_LABEL = "musetalk.lease"
 REPORTED_LABEL = "musetalk.reported"
 
-# The Scheduled-type state a buffer run waits in for a claim. Not Prefect's plain "Scheduled": no Prefect
-# worker polls the buffer pool, so a waiting run is not late, and Prefect's late-runs service (which marks
-# only runs named "Scheduled") would otherwise rewrite every waiting run's state every few seconds — on
-# SQLite each such write competes with the claims for the one writer.
+# The Scheduled-type state a run waits in until the orchestrator takes it (a buffer claim, a Salad
+# dispatch). Not Prefect's plain "Scheduled": no Prefect worker polls those pools, so a waiting run is not
+# late, and Prefect's late-runs service (which marks only runs named "Scheduled") would otherwise rewrite
+# every waiting run's state every few seconds — on SQLite each such write competes with the claims for the
+# one writer.
 AWAITING_CLAIM = "AwaitingClaim"
+
+
+def awaiting_claim(message: str | None = None) -> State:
+    """The state a buffer or Salad run waits in, new (:mod:`orchestrator.submit`) or requeued."""
+    return Scheduled(name=AWAITING_CLAIM, message=message)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUS_OF_STATE: dict[StateType, JobStatus] = {

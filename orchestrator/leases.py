@@ -241,9 +241,10 @@ async def report(client: PrefectClient, lease: str, body: dict[str, Any], max_at
     outcome = outcome_of_report(body, job_id_of(run))
     if outcome.http_status == 500 and outcome.body["retryable"]:
         # a worker fault another worker may not have: the next attempt, unless this was the last one
-        status = await requeue_or_fail(client, run, max_attempts, outcome.body["error_message"], expect_lease=lease)
+        # REPORTED_LABEL: a repeat of this report is recognised and answered the same
+        status = await requeue_or_fail(client, run, max_attempts, outcome.body["error_message"], expect_lease=lease,
+                                       labels={REPORTED_LABEL: lease})
         if status is not None:
-            await client.update_flow_run_labels(run.id, {REPORTED_LABEL: lease})
             return status
     record = await persist_outcome(outcome)
     final = (Completed(data=record, message=f"rendered by buffer worker {labels.get(WORKER_LABEL)}")

@@ -49,6 +49,12 @@ class Route:
         return "urgent" if priority == "urgent" else "default"
 
     @property
+    def claimed_by_orchestrator(self) -> bool:
+        """Its runs are taken by the orchestrator (a buffer claim, a Salad dispatch), not by a Prefect worker,
+        so they wait in ``AwaitingClaim``."""
+        return self.kind in ("buffer", "salad")
+
+    @property
     def deployment(self) -> str:
         return DEPLOYMENT_OF_KIND[self.kind]
 

@@ -16,9 +16,8 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.states import Scheduled
 
-from orchestrator.jobs import AWAITING_CLAIM, JOB_TAG, body_hash, find_job_run, job_tag, tag_value
+from orchestrator.jobs import JOB_TAG, awaiting_claim, body_hash, find_job_run, job_tag, tag_value
 from orchestrator.routes import deployment_id
 from orchestrator.routing import choose_route
 from orchestrator.schemas import JobCreate
@@ -74,7 +73,7 @@ async def submit_job(client: PrefectClient, request: JobCreate, *, scope: str, i
     run = await client.create_flow_run_from_deployment(
         await deployment_id(client, route.deployment), parameters={"job": job}, name=job_id, tags=tags,
         idempotency_key=prefect_key or f"{scope}:id:{job_id}", work_queue_name=route.work_queue(request.priority),
-        state=Scheduled(name=AWAITING_CLAIM) if route.kind == "buffer" else None)
+        state=awaiting_claim() if route.claimed_by_orchestrator else None)
     if job_tag(job_id) not in (run.tags or []):  # another replica created this key's run a moment earlier
         if tag_value(run, "body") != fingerprint:
             raise JobConflict("this Idempotency-Key was used with a different request body")

@@ -369,6 +369,14 @@ def test_salad_route_submits_follows_and_records_the_generate_body(api, monkeypa
         fake.close()
     assert view["output_url"] == f"https://cdn.example/{job_id}.mp4" and view["route"] == f"salad:{RTX_4090}"
     assert seen == [{"musetalk_job_id": job_id, **JOB, "resolution": "720p", "params": {}}]
+    # it waited for its dispatch as a buffer run waits for its claim: never a "Scheduled" the late-runs service marks
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        run, = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"job:{job_id}"])))
+        history = [state.name for state in client.read_flow_run_states(run.id)]
+    assert history[0] == "AwaitingClaim" and "Late" not in history, history
 
 
 def test_a_lost_claim_answer_is_requeued_while_its_worker_stays_idle(prefect_api, tmp_path):
