@@ -27,7 +27,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 from collections import OrderedDict
 from typing import Any
 from uuid import UUID
@@ -46,6 +45,7 @@ from prefect.states import Completed, Failed, Pending, Running
 from orchestrator.jobs import (
     JOB_TAG, LEASE_LABEL, REPORTED_LABEL, TERMINAL, WORKER_LABEL, job_id_of, run_id_of_lease, status_of,
 )
+from orchestrator.per_loop import PerLoop
 from orchestrator.results import persist_outcome
 from orchestrator.routes import deployment_id
 from tasks.contract import JobOutcome, failure_status
@@ -116,12 +116,7 @@ class _Claims:
             self.won.popitem(last=False)
 
 
-_claims: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Claims]" = weakref.WeakKeyDictionary()
-
-
-def _local_claims() -> _Claims:
-    """One register per event loop (tests run several apps, each on its own loop)."""
-    return _claims.setdefault(asyncio.get_running_loop(), _Claims())
+_claims: PerLoop[_Claims] = PerLoop(_Claims)
 
 
 def _in_turn(candidates: list[FlowRun], slot: int) -> list[FlowRun]:
@@ -137,7 +132,7 @@ async def claim(client: PrefectClient, worker_id: str, offline_sec: float) -> di
     body, or None when nothing waits or the worker already holds as many runs as its capacity.
     ClaimRefused when the worker has no heartbeat within the offline window. The cheap question — is
     anything queued? — comes first: most claims of an idle fleet end there."""
-    local = _local_claims()
+    local = _claims.get()
     slot = local.take_slot()
     try:
         return await _claim(client, worker_id, offline_sec, local, slot)

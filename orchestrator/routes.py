@@ -16,6 +16,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from deployments.workpool import BUFFER_POOL, POOL_NAME, SALAD_POOL
+from orchestrator.per_loop import PerLoop
 from tasks.salad import salad_configured
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,7 @@ class Route:
 _deployment_ids: dict[tuple[str, str], UUID] = {}
 
 
-_locks: dict[int, asyncio.Lock] = {}
-
-
-def _deploy_lock() -> asyncio.Lock:
-    """One lock per event loop (tests run several apps, each on its own loop)."""
-    loop = asyncio.get_running_loop()
-    return _locks.setdefault(id(loop), asyncio.Lock())
+_deploy_lock: PerLoop[asyncio.Lock] = PerLoop(asyncio.Lock)
 
 
 async def deployment_id(client: PrefectClient, name: str) -> UUID:
@@ -77,7 +72,7 @@ async def deployment_id(client: PrefectClient, name: str) -> UUID:
     key = (str(client.api_url), name)
     if key in _deployment_ids:
         return _deployment_ids[key]
-    async with _deploy_lock():
+    async with _deploy_lock.get():
         try:
             deployment = await client.read_deployment_by_name(name)
         except ObjectNotFound:

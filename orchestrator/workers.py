@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +28,7 @@ from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.exceptions import ObjectAlreadyExists
 
 from deployments.workpool import BUFFER_POOL
+from orchestrator.per_loop import PerLoop
 
 VARIABLE_PREFIX = "buffer-worker-"
 VARIABLE_TAG = "musetalk-buffer-worker"
@@ -55,14 +55,13 @@ class BufferWorker:
         return self.last_heartbeat is not None and (now - self.last_heartbeat).total_seconds() <= offline_sec
 
 
-# Per event loop (tests run several apps, each on its own loop), then per Prefect API and worker.
-_beats_sent: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], float]]" = \
-    weakref.WeakKeyDictionary()
+# Per event loop (orchestrator/per_loop.py), then per Prefect API and worker.
+_beats_sent: PerLoop[dict[tuple[str, str], float]] = PerLoop(dict)
 
 
 def _due(client: PrefectClient, worker_id: str, min_interval: float) -> bool:
     """Whether this process should pass this worker's beat on to Prefect now (at most once per interval)."""
-    sent = _beats_sent.setdefault(asyncio.get_running_loop(), {})
+    sent = _beats_sent.get()
     key = (str(client.api_url), worker_id)
     now = time.monotonic()
     if now - sent.get(key, float("-inf")) < min_interval:
@@ -80,7 +79,7 @@ async def record_heartbeat(client: PrefectClient, worker_id: str, body: dict[str
     try:
         previous, _ = await asyncio.gather(client.read_variable_by_name(name), beat or asyncio.sleep(0))
     except BaseException:
-        _beats_sent.get(asyncio.get_running_loop(), {}).pop((str(client.api_url), worker_id), None)  # resend next time
+        _beats_sent.get().pop((str(client.api_url), worker_id), None)  # resend next time
         raise
     roster = _roster_of(client)
     known = roster.workers.get(worker_id)
@@ -123,7 +122,7 @@ class _Roster:
         self.reading_from = float("-inf")  # when the read in flight started
 
 
-_rosters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Roster]]" = weakref.WeakKeyDictionary()
+_rosters: PerLoop[dict[str, _Roster]] = PerLoop(dict)
 
 
 async def buffer_workers(client: PrefectClient, max_age: float = 0.0) -> dict[str, BufferWorker]:
@@ -139,7 +138,7 @@ async def buffer_workers(client: PrefectClient, max_age: float = 0.0) -> dict[st
 
 
 def _roster_of(client: PrefectClient) -> _Roster:
-    return _rosters.setdefault(asyncio.get_running_loop(), {}).setdefault(str(client.api_url), _Roster())
+    return _rosters.get().setdefault(str(client.api_url), _Roster())
 
 
 async def _read_roster(client: PrefectClient, roster: _Roster, started: float) -> dict[str, BufferWorker]:
