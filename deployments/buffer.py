@@ -122,14 +122,19 @@ class BufferLoop:
 
     @classmethod
     def from_service(cls, service: Any) -> "BufferLoop":
-        """The loop of a :class:`deployments.serve.WorkerService` (shares its render queue; its capacity is
-        the service's: BUFFER_CAPACITY, at most and by default one per render slot)."""
+        """The loop of a :class:`deployments.serve.WorkerService` (shares its render queue); it holds
+        BUFFER_CAPACITY claims at once, at most and by default one per render slot."""
         settings: Settings = service.settings
         client = OrchestratorClient.from_settings(settings)
         if client is None or not client.buffer_base_url:
             raise ValueError("BUFFER_WORKER_ID is set but neither BUFFER_ORCHESTRATOR_BASE_URL nor "
                              "ORCHESTRATOR_BASE_URL is: buffer mode cannot reach the orchestrator")
-        return cls(client, interval=settings.buffer_poll_interval_sec, capacity=service.buffer_capacity,
+        slots = service.queue.slots
+        capacity = settings.buffer_claims(slots)
+        if settings.buffer_capacity > capacity:
+            log.warning("BUFFER_CAPACITY=%d but this process has %d render slot(s) (MUSETALK_DEVICES); it claims "
+                        "at most %d job(s) at once", settings.buffer_capacity, slots, capacity)
+        return cls(client, interval=settings.buffer_poll_interval_sec, capacity=capacity,
                    submit=service.queue.submit, ready=lambda: service.ready and not service.draining,
                    busy=lambda: service.queue.full, gpu_class=lambda: service.gpu_class,
                    load_error=lambda: service.load_error, stuck=service.ticket_stuck)

@@ -115,11 +115,6 @@ class ServeOptions(BaseSettings):
 EngineLoader = Callable[[Settings], Any]
 
 
-def default_engine_loader(settings: Settings) -> Any:
-    """The process's cached engine for ``settings`` (:func:`tasks.engine.get_engine`)."""
-    return get_engine(settings)
-
-
 def slot_devices(settings: Settings) -> list[str]:
     """The device of each render slot: ``MUSETALK_DEVICES`` (``all``: every visible GPU), else one slot on
     ``MUSETALK_DEVICE``. ``all`` without a GPU is one ``cuda`` slot, whose load then fails with the reason."""
@@ -166,12 +161,6 @@ class WorkerService:
                       for i, name in enumerate(devices)]
         self.queue = RenderQueue(self._run_job, max_queued=self.options.musetalk_max_queued,
                                  slots=len(self.slots), setup=self._enter_slot)
-        # claims the buffer loop may hold at once: BUFFER_CAPACITY, at most (and by default) one per slot
-        self.buffer_capacity = self.settings.buffer_claims(len(self.slots))
-        asked = self.settings.buffer_capacity
-        if asked > self.buffer_capacity:
-            log.warning("BUFFER_CAPACITY=%d but this process has %d render slot(s) (MUSETALK_DEVICES); it claims "
-                        "at most %d job(s) at once", asked, len(self.slots), self.buffer_capacity)
         if len(self.slots) > 1:
             log.info("%d render slots: %s", len(self.slots), ", ".join(slot.device for slot in self.slots))
         self.load_error: str | None = None

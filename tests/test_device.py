@@ -66,12 +66,13 @@ def test_a_worker_configured_for_cuda_without_it_never_turns_ready(tiny_models, 
     """MUSETALK_DEVICE=cuda (the image's setting) on a machine without CUDA: /hc stays 503 with the reason."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from deployments.serve import WorkerService, default_engine_loader
+    from deployments.serve import WorkerService
+    from tasks.engine import get_engine
     from tasks.settings import Settings
 
     settings = Settings(musetalk_device="cuda", musetalk_models_dir=tiny_models, musetalk_workdir=tmp_path,
                         musetalk_cache_dir=tmp_path / "cache")
-    service = WorkerService(settings, engine_loader=default_engine_loader, prefect_warmup=lambda: "none")
+    service = WorkerService(settings, engine_loader=get_engine, prefect_warmup=lambda: "none")
     service.start()
     assert not service.wait_ready(60)
     status, body = service.health()

@@ -118,13 +118,14 @@ class Worker:
 @pytest.fixture(scope="module")
 def worker(env) -> Iterator[Worker]:
     """The module's worker; its engine loader waits for ``gate`` so the test can see /hc before warm-up."""
-    from deployments.serve import create_app, default_engine_loader, make_server
+    from deployments.serve import create_app, make_server
+    from tasks.engine import get_engine
 
     gate = threading.Event()
 
     def gated_loader(settings: Settings):
         assert gate.wait(300), "the test never opened the gate"
-        return default_engine_loader(settings)
+        return get_engine(settings)
 
     loads_before = Engine.loads
     app = create_app(engine_loader=gated_loader)
