@@ -16,7 +16,8 @@ from musetalk_engine.engine import Engine, EngineConfig
 from .settings import Settings, get_settings
 
 _engines: dict[str, Engine] = {}
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the two dicts; never held while an engine loads
+_loading: dict[str, threading.Lock] = {}  # one per configuration: two slots on two GPUs load at once
 # a context variable, not a global: it holds for the flow run inside the block (same thread, or a thread
 # Prefect starts with a copy of the context) and for nothing after it
 _serving: ContextVar[Engine | None] = ContextVar("serving_engine", default=None)
@@ -64,6 +65,14 @@ def get_engine(settings: Settings | None = None, *, instance: int = 0) -> Engine
     key = config.model_dump_json() + (f"#{instance}" if instance else "")
     with _lock:
         engine = _engines.get(key)
+        if engine is not None:
+            return engine
+        loading = _loading.setdefault(key, threading.Lock())
+    with loading:  # a second caller of the same configuration waits for the first's engine
+        with _lock:
+            engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(config)
+            engine = Engine(config)
+            with _lock:
+                _engines[key] = engine
         return engine

@@ -199,6 +199,73 @@ def test_service_is_ready_only_once_every_slot_is_and_names_a_slot_that_failed(t
     broken.stop()
 
 
+def test_the_first_slot_loads_alone_and_the_others_load_at_once(tmp_path):
+    """N GPUs are ready in about two load times: the first slot alone (it imports the model libraries), then
+    every other slot on a thread of its own."""
+    from deployments.serve import WorkerService
+
+    lock, in_flight, seen = threading.Lock(), [0], []
+    together = threading.Barrier(2, timeout=20)  # breaks (a load error) unless slots 2 and 3 load at once
+
+    def loader(slot_settings: Settings) -> Any:
+        with lock:
+            in_flight[0] += 1
+            seen.append(in_flight[0])
+            n = len(seen)
+        if n == 1:
+            time.sleep(0.3)  # long enough for a second load to start, were it allowed to
+        else:
+            together.wait()
+        with lock:
+            in_flight[0] -= 1
+        return SimpleNamespace(warm=True, gpu={}, n=n)
+
+    service = WorkerService(Settings(musetalk_workdir=tmp_path, musetalk_devices="cpu,cpu,cpu"),
+                            engine_loader=loader, prefect_warmup=lambda: "none")
+    service.start()
+    assert service.wait_ready(30), service.load_error
+    assert seen[0] == 1 and max(seen[1:]) == 2  # the first alone, then the other two side by side
+    assert sorted(e.n for e in service.engines) == [1, 2, 3] and service.engines[0].n == 1
+    service.stop()
+
+
+def test_get_engine_loads_two_configurations_at_once_and_one_configuration_once(tmp_path, monkeypatch):
+    """The process's engine cache never holds its lock while an engine loads: two slots' engines load side
+    by side, and two callers of one configuration share a single load."""
+    import tasks.engine as cache
+
+    lock, in_flight, peak, made = threading.Lock(), [0], [0], []
+
+    class SlowEngine:
+        def __init__(self, config):
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+                made.append(config.device)
+            time.sleep(0.5)
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(cache, "_engines", {})
+    monkeypatch.setattr(cache, "_loading", {})
+    monkeypatch.setattr(cache, "Engine", SlowEngine)
+    settings = Settings(musetalk_workdir=tmp_path, musetalk_device="cpu")
+    got: list[Any] = [None] * 4
+    calls = [lambda: cache.get_engine(settings), lambda: cache.get_engine(settings),
+             lambda: cache.get_engine(settings, instance=1), lambda: cache.get_engine(settings, instance=2)]
+
+    def call(i: int) -> None:
+        got[i] = calls[i]()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(made) == 3 and peak[0] == 3  # three configurations, loaded at once; the repeated one once
+    assert got[0] is got[1] and len({id(e) for e in got}) == 3
+
+
 def test_shutdown_gives_each_running_job_the_grace_then_abandons_each(tmp_path):
     from deployments.serve import ServeOptions, WorkerService
 
