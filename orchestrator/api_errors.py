@@ -1,0 +1,38 @@
+"""The one failure body of the orchestrator's HTTP API, ``{"error": {"type", "message"}}``: the exception
+handlers raise it from, and the OpenAPI ``responses`` that document it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from orchestrator.schemas import ErrorBody
+from tasks.contract import describe_errors
+
+# The failure answers every job and protocol endpoint documents.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody},
+}
+
+
+class ApiError(Exception):
+    """Raised by a handler or dependency; answered as ``status`` with the failure body."""
+
+    def __init__(self, status: int, type_: str, message: str):
+        self.status, self.type, self.message = status, type_, message
+
+
+def error_response(status: int, type_: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status)
+
+
+async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.type, exc.message)
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 in the API's failure body, the message naming each bad field."""
+    return error_response(422, "invalid_request", describe_errors(exc.errors()))
