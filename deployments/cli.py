@@ -318,7 +318,10 @@ def cmd_orchestrator(args) -> int:
     if not PREFECT_API_URL.value():
         log.warning("PREFECT_API_URL is not set: the orchestrator uses a temporary Prefect server, and every "
                     "job is lost when it stops (set PREFECT_API_URL, or use musetalk-flow up)")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    # log_config=None: uvicorn's records go to the process's one configuration (tasks/logs.py), as in
+    # `serve`; uvicorn's own access formatter would unpack the record's args, which tasks/logs has already
+    # folded into the cleaned message (every request then logged a "Logging error" traceback instead)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, log_config=None)
     return 0
 
 
