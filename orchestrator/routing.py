@@ -4,7 +4,11 @@
 buffer worker (an idle heartbeat within the offline window and a free slot) → ``buffer``; a ``gpu`` pool
 with an online Prefect worker → ``gpu``; the cheapest measured Salad class whose real-time factor meets
 the target (``gpu_targets.json`` speeds, ``salad_prices.json`` batch prices), when Salad is configured →
-``salad:<class>``; else ``gpu`` (the run waits queued for a worker)."""
+``salad:<class>``. With nothing free, the job queues where capacity will free up: ``buffer`` when a buffer
+worker is online (busy, or still loading its models: it claims the job when it can), else ``gpu`` (the run
+waits queued for a worker to join the pool). DESIGN §11 says "else gpu" outright; on one machine
+(``musetalk-flow up``: one buffer worker, no pool worker) that left every job submitted while the worker was
+busy queued forever."""
 
 from __future__ import annotations
 
@@ -63,6 +67,12 @@ async def idle_buffer_worker(client: PrefectClient, offline_sec: float) -> str |
     return None
 
 
+async def buffer_worker_online(client: PrefectClient, offline_sec: float) -> bool:
+    """A buffer worker heartbeated within the offline window (idle, busy or still loading)."""
+    now = utcnow()
+    return any(w.online(now, offline_sec) for w in (await buffer_workers(client, ROSTER_MAX_AGE_S)).values())
+
+
 async def gpu_pool_online(client: PrefectClient) -> bool:
     workers = await client.read_workers_for_work_pool(POOL_OF_KIND["gpu"])
     return any(w.status == WorkerStatus.ONLINE for w in workers)
@@ -93,4 +103,6 @@ async def choose_route(client: PrefectClient, requested: str | None, settings: O
                                           settings.musetalk_salad_target_rtf)
             if chosen is not None:
                 return Route("salad", chosen.class_id)
+    if "buffer" in settings.route_policy and await buffer_worker_online(client, settings.musetalk_worker_offline_sec):
+        return Route("buffer")
     return Route("gpu")
