@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from deployments.openapi_docs import install_offline_docs
 from orchestrator import internal_api, public_api
 from orchestrator.api_errors import ApiError, api_error_handler, validation_error_handler
+from orchestrator.front_door import install_front_door
 from orchestrator.prefect_writes import limit_writes
 from orchestrator.routes import ensure_route_deployments
 from orchestrator.settings import OrchestratorSettings, get_orchestrator_settings
@@ -64,6 +65,7 @@ def create_app(settings: OrchestratorSettings | None = None, workdir_settings: S
                   description="Lip-sync jobs on the MuseTalk fleet (DESIGN §11) and the workers' protocol (§5).")
     app.state.settings, app.state.workdir_settings, app.state.sweep = settings, workdir_settings, sweep
     install_offline_docs(app)
+    install_front_door(app, workdir_settings)  # limits and strict JSON before any handler; 404/405 bodies
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(public_api.router)

@@ -25,8 +25,13 @@ class ApiError(Exception):
         self.status, self.type, self.message = status, type_, message
 
 
-def error_response(status: int, type_: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status)
+# A message may quote what the client sent (an id, a field name): bounded.
+MAX_MESSAGE = 1000
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message[:MAX_MESSAGE]}}, status_code=status,
+                        headers=headers)
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:

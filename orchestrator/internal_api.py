@@ -13,7 +13,7 @@ from orchestrator.api_dependencies import OrchSettings, Prefect, internal_key
 from orchestrator.api_errors import ERRORS, ApiError
 from orchestrator.jobs import TERMINAL, WORKER_LABEL, find_job_run, tag_value
 from orchestrator.progress_artifacts import write_progress
-from orchestrator.schemas import ClaimRequest, Heartbeat, ProgressReport, StatusReport
+from orchestrator.schemas import ClaimRequest, Heartbeat, ProgressReport, StatusReport, WorkerIdInPath
 from orchestrator.workers import record_heartbeat
 
 router = APIRouter(prefix="/internal", dependencies=[Depends(internal_key)], responses=ERRORS, tags=["internal"])
@@ -35,7 +35,8 @@ async def progress(job_id: str, body: ProgressReport, client: Prefect) -> dict[s
 
 
 @router.post("/buffer/workers/{worker_id}/heartbeat")
-async def heartbeat(worker_id: str, body: Heartbeat, client: Prefect, settings: OrchSettings) -> dict[str, Any]:
+async def heartbeat(worker_id: WorkerIdInPath, body: Heartbeat, client: Prefect,
+                    settings: OrchSettings) -> dict[str, Any]:
     await record_heartbeat(client, worker_id, body.model_dump(), settings.musetalk_worker_offline_sec)
     return {"ok": True}
 

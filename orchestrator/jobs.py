@@ -22,8 +22,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.states import Scheduled
 
+from musetalk_engine.errors import MediaError
 from orchestrator.progress_artifacts import read_progress
 from orchestrator.results import read_outcome
+from tasks.storage import safe_job_id
 
 JOB_TAG = "musetalk-job"
 # Labels on a run (Prefect key-value labels; merged on update).
@@ -87,9 +89,20 @@ def status_of(run: FlowRun) -> JobStatus:
 
 async def find_job_run(client: PrefectClient, job_id: str, scope: str | None = None) -> FlowRun | None:
     """The one run that carries ``job:{id}`` (within ``scope``'s jobs when given)."""
+    if not is_job_id(job_id):  # no job has it (submit refuses it), and Prefect need not see it
+        return None
     tags = [JOB_TAG, job_tag(job_id)] + ([f"key:{scope}"] if scope else [])
     runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=2)
     return runs[0] if runs else None
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` is an id a job may have (the workers' rule, :func:`tasks.storage.safe_job_id`)."""
+    try:
+        safe_job_id(value)
+    except MediaError:
+        return False
+    return True
 
 
 def _iso(value: datetime | None) -> str | None:

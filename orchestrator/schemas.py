@@ -3,8 +3,9 @@ These models are also its OpenAPI schema."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from musetalk_engine.errors import MediaError
@@ -105,24 +106,38 @@ class ErrorBody(BaseModel):
 
 # ---------------------------------------------------------------------------------------- internal (§5)
 
+# A buffer worker's id (BUFFER_WORKER_ID, else its host name) names a Prefect worker, is part of a Prefect
+# variable (at most 5000 characters), a label and log lines: characters safe in all of them, bounded.
+WORKER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="letters, digits, . _ : @ -; at most 128")]
+WorkerIdInPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
+# The heartbeat's error text is the worker's last failures (it sends at most 500 characters): kept, cut.
+MAX_HEARTBEAT_ERROR_CHARS = 1000
+
 class ProgressReport(BaseModel):
     status: Status
     progress: float = Field(ge=0, le=1)
     phase: Phase
     metrics: dict[str, Any] | None = None
     error: Any = None
-    worker_id: str | None = None
+    worker_id: WorkerId | None = None
 
 
 class Heartbeat(BaseModel):
     status: Literal["idle", "busy"]
-    gpu_class: str | None = None
+    gpu_class: str | None = Field(None, max_length=128)
     capacity: int = Field(1, ge=1)
     error: str | None = None
 
+    @field_validator("error")
+    @classmethod
+    def _bounded(cls, value: str | None) -> str | None:
+        # cut, not refused: a refused heartbeat would make a live worker look offline
+        return value[:MAX_HEARTBEAT_ERROR_CHARS] if value else value
+
 
 class ClaimRequest(BaseModel):
-    worker_id: str = Field(min_length=1)
+    worker_id: WorkerId
 
 
 class StatusReport(BaseModel):

@@ -28,16 +28,18 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from musetalk_engine.errors import MediaError
-from tasks.fetch import check_peer, check_url_allowed, display_url
+from tasks.fetch import check_peer, check_url_allowed, check_url_form, display_url
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -208,3 +210,24 @@ def deliver_job_webhook(job_body: Mapping[str, Any], url: str, secret: Union[str
     if 200 <= last_status < 300:
         return result(True, None)
     return result(False, f"the receiver answered HTTP {last_status}")
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """At submit, with no DNS lookup: a webhook URL that can never be delivered is the client's error
+    (:class:`MediaError`). Its form (http(s), a host, a request that can be built) and, when the host is
+    an address — in any spelling the resolver takes: ``127.1``, ``2130706433``, ``[::1]`` — or
+    ``localhost``, the SSRF guard itself. Other names are judged at delivery, after their lookup."""
+    check_url_form(url, _KIND, settings.model_copy(update={"musetalk_allow_local_files": False}))
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    try:
+        socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+        numeric = True
+    except (socket.gaierror, UnicodeError, ValueError):
+        numeric = False
+    if numeric or host == "localhost" or host.endswith(".localhost"):
+        try:
+            check_url_allowed(url, settings, _KIND)
+        except MediaError:
+            raise
+        except Exception:  # noqa: BLE001 — a lookup that failed for now: delivery judges the URL again
+            pass
