@@ -1,6 +1,8 @@
 """``musetalk-flow up``: the whole system on one machine, for a newcomer or a demo box.
 
-It starts, as child processes stopped together on Ctrl-C:
+It starts, as child processes stopped together on Ctrl-C, SIGTERM or SIGHUP (each child runs in a session
+of its own, so only this process can stop it: a signal that ended this process alone would leave them all
+running):
 
 1. a Prefect server on embedded SQLite (``$PREFECT_HOME``), unless ``PREFECT_API_URL`` names one already;
 2. the project's deployments and work pools (``musetalk-flow deploy``'s work);
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 PY = sys.executable
 START_TIMEOUT_S = 240
+# real weights: loading, and on a GPU capturing graphs or compiling, can take minutes on a first start
+WORKER_READY_TIMEOUT_S = 1200
 
 
 class Child:
@@ -62,8 +66,16 @@ def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -
         raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, prefect_port: int = 4200,
        log_dir: Path = Path("up-logs"), tiny: bool = False, gpu_worker: bool = False) -> int:
+    # SIGTERM (systemd, docker stop, kill) and SIGHUP (the terminal closed) stop everything like Ctrl-C; SIGINT
+    # too, even where it was ignored (a shell's background job)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     disable_telemetry(env)  # the Prefect server and every child started here
@@ -96,8 +108,13 @@ def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, pr
                 subprocess.run([PY, "-m", "deployments.cli", "models", "make-tiny", str(models)], env=env, check=True,
                                stdout=subprocess.DEVNULL)
             worker_env["MUSETALK_MODELS_DIR"] = str(models)
-        children.append(Child("worker", [PY, "-m", "deployments.cli", "serve", "--host", "127.0.0.1",
-                                         "--port", str(worker_port)], worker_env, log_dir))
+        worker = Child("worker", [PY, "-m", "deployments.cli", "serve", "--host", "127.0.0.1",
+                                  "--port", str(worker_port)], worker_env, log_dir)
+        children.append(worker)
+        # the banner means "submit now": a job routed while no worker had heartbeated yet would go to the
+        # gpu pool, which has no worker here
+        print("worker: loading and warming the models …", flush=True)
+        wait_http(f"http://127.0.0.1:{worker_port}/hc", worker, WORKER_READY_TIMEOUT_S)
         if gpu_worker:
             children.append(Child("gpu-worker", [PY, "-m", "prefect", "worker", "start", "--pool", "gpu",
                                                  "--limit", "1"], dict(env, ORCHESTRATOR_BASE_URL=base), log_dir))
@@ -114,5 +131,7 @@ def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, pr
     except KeyboardInterrupt:
         return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         for child in reversed(children):
             child.stop()
