@@ -16,6 +16,7 @@ import pytest
 import musetalk_engine.probe as probe_mod
 from musetalk_engine.probe import ProbeFailed, ffprobe, forget_probes
 from tests.media import lavfi_video
+from tests.servers import wait_until
 
 
 @pytest.fixture()
@@ -109,7 +110,9 @@ def test_a_flow_run_ends_without_waiting_for_its_heartbeat_thread():
     engine = _Engine()
     before = set(threading.enumerate())
     with flow_engine._send_heartbeats(engine):
-        time.sleep(0.2)  # the first beat is sent, the thread sleeps
+        # the first beat is sent (waited for: a loaded machine may start the thread late), the thread sleeps
+        assert wait_until(lambda: engine.beats >= 1, 30, step=0.01)
+        time.sleep(0.1)
         started = set(threading.enumerate()) - before
         beats = engine.beats
         exit_at = time.perf_counter()
@@ -117,7 +120,7 @@ def test_a_flow_run_ends_without_waiting_for_its_heartbeat_thread():
     assert beats == 1 and len(started) == 1
     assert exited < 0.5, f"the run's end waited {exited:.2f}s for its heartbeat thread"
     (thread,) = started
-    thread.join(3)
+    thread.join(10)  # it checks its stop flag every second; its next beat would be due after 30 s
     assert not thread.is_alive() and engine.beats == 1  # stopped by itself, no beat after the end
 
 
