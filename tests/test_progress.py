@@ -17,7 +17,7 @@ from tasks.progress import OrchestratorClient, OrchestratorError, ProgressReport
 from tasks.logs import CleanRecordFactory, configure_logging, reset_logging
 from tasks.settings import Settings, get_settings, redact, secret_values
 from tests.fake_orchestrator import FakeOrchestrator
-from tests.servers import free_port, serve_in_thread
+from tests.servers import free_port, serve_in_thread, wait_until
 
 KEY = "s3cr3t-internal-key-0123456789"
 
@@ -145,7 +145,14 @@ def test_final_update_outlasts_an_orchestrator_outage_but_not_a_refusal(client, 
     import threading
 
     fake.statuses["/job-final/progress"] = 503
-    threading.Timer(0.8, fake.statuses.clear).start()  # the orchestrator comes back
+
+    def comes_back() -> None:
+        # once it has refused an attempt (waited for, not timed: on a slow machine the first attempt may come late)
+        wait_until(lambda: fake.bodies("/job-final/progress"), 30, step=0.01)
+        with fake.lock:
+            fake.statuses.clear()
+
+    threading.Thread(target=comes_back, daemon=True).start()
     reporter = ProgressReporter(client, "job-final", min_interval=0.0, final_retry_sec=10.0)
     reporter.finish(metrics={"total_time": 1.0}, output_url="https://dl/final.mp4")
     reporter.close()
@@ -168,9 +175,12 @@ def test_final_update_outlasts_an_orchestrator_outage_but_not_a_refusal(client, 
 def test_reporter_sends_live_throttled_in_order_and_final(client, fake):
     reporter = ProgressReporter(client, "job-live", min_interval=0.05)
     reporter.update("preparing", 0.0)
-    steps = 40
-    for i in range(steps):
-        reporter.update("inferring", i / steps)
+    # at least 40 updates, 5 ms apart; the job "runs" on until two sends arrived (a slow machine sends later,
+    # an implementation that sends only at the end never does, and fails below)
+    steps, deadline = 0, time.monotonic() + 30
+    while steps < 40 or (len(fake.requests) < 2 and time.monotonic() < deadline):
+        reporter.update("inferring", steps / 10_000)
+        steps += 1
         time.sleep(0.005)
     seen_while_running = len(fake.requests)
     reporter.update("encoding", 0.99)
@@ -194,9 +204,7 @@ def test_reporter_sends_held_state_after_interval_without_close(client, fake):
     reporter = ProgressReporter(client, "job-held", min_interval=0.1)
     reporter.update("inferring", 0.1)
     reporter.update("inferring", 0.2)  # throttled: held, then sent by the thread after ~0.1 s
-    deadline = time.monotonic() + 3
-    while len(fake.bodies("/job-held/progress")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(fake.bodies("/job-held/progress")) >= 2, 30, step=0.01)
     assert [b["progress"] for b in fake.bodies("/job-held/progress")] == [0.1, 0.2]
     reporter.fail("boom")
     reporter.close()
