@@ -103,8 +103,9 @@ def test_entrypoint_is_executable_and_shellcheck_clean():
 
 FAKE = """#!/usr/bin/env bash
 # a fake long-running process: logs its start, the TERM it gets, and exits with $EXIT_CODE when told
-echo "$NAME start $*" >> "$LOG"
+# (the trap first: once "start" is logged, a TERM is logged too, however slowly the machine runs)
 trap 'echo "$NAME TERM" >> "$LOG"; sleep 0.3; exit 0' TERM
+echo "$NAME start $*" >> "$LOG"
 if [ -n "${DIE_AFTER:-}" ]; then sleep "$DIE_AFTER"; echo "$NAME dies" >> "$LOG"; exit "${EXIT_CODE:-3}"; fi
 while true; do sleep 0.1; done
 """
@@ -136,7 +137,7 @@ def _lines(log: Path) -> list[str]:
     return log.read_text().splitlines()
 
 
-def _wait_for(log: Path, text: str, timeout: float = 10) -> None:
+def _wait_for(log: Path, text: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not any(text in line for line in _lines(log)):
         assert time.monotonic() < deadline, f"{text!r} not in {_lines(log)}"
@@ -146,11 +147,13 @@ def _wait_for(log: Path, text: str, timeout: float = 10) -> None:
 @pytest.mark.parametrize("who", ["salad-worker", "musetalk-flow"])
 def test_container_exits_when_either_process_dies(fakes, who):
     env, log, bin_dir = fakes
-    # make one of the two die after a moment with status 3
+    # make one of the two die with status 3, a moment after both have started (waited for: on a slow machine
+    # the other one may not be up 0.5 s after this one)
+    both_up = 'for _ in $(seq 600); do [ "$(grep -c " start" "$LOG")" -ge 2 ] && break; sleep 0.1; done; '
     script = bin_dir / who
-    script.write_text(FAKE.replace('if [ -n "${DIE_AFTER:-}" ]', 'DIE_AFTER=0.5; if [ -n "${DIE_AFTER:-}" ]'))
+    script.write_text(FAKE.replace('if [ -n "${DIE_AFTER:-}" ]', both_up + 'DIE_AFTER=0.5; if [ -n "${DIE_AFTER:-}" ]'))
     proc = _start(env, NAME="p")
-    out, _ = proc.communicate(timeout=20)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out
     assert "exited with status 3" in out
     assert sum("TERM" in line for line in _lines(log)) == 1  # the survivor was stopped
@@ -164,7 +167,7 @@ def test_sigterm_stops_the_app_first_then_the_salad_worker(fakes, tmp_path):
     _wait_for(log, "app start")
     _wait_for(log, "salad start")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
+    out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "app start serve --host 0.0.0.0 --port 18765" in _lines(log)
     terms = [line for line in _lines(log) if "TERM" in line]
@@ -179,7 +182,7 @@ def test_no_salad_worker_in_buffer_mode_or_when_off(fakes):
         _wait_for(log, "start")
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=60)
         assert sum("start" in line for line in _lines(log)) == 1, out
         assert "not started" in out
 
