@@ -32,12 +32,14 @@ pytest_plugins = ["tests.fixtures_engine"]
 
 class RenderSpy:
     """Replaces ``Engine.render``: records (start, end) spans, optionally sleeps first (in small steps, so
-    a cancellation raised in the thread lands) and optionally fails instead of rendering."""
+    a cancellation raised in the thread lands; ``release``, once set, ends the sleep early) and optionally
+    fails instead of rendering."""
 
     def __init__(self, original):
         self.original = original
         self.spans: list[tuple[float, float]] = []
         self.started = threading.Event()
+        self.release = threading.Event()
         self.delay = 0.0
         self.fail: Exception | None = None
 
@@ -46,7 +48,7 @@ class RenderSpy:
         self.started.set()
         try:
             end_sleep = start + self.delay
-            while time.monotonic() < end_sleep:
+            while time.monotonic() < end_sleep and not self.release.is_set():
                 time.sleep(0.05)
             if self.fail is not None:
                 raise self.fail
@@ -289,8 +291,8 @@ def test_job_timeout_answers_500_and_abandons_the_render(env, media_url, spy):
         assert body["details"]["reason"] == "timeout"
         assert elapsed < 60
         # abandoned cleanly: render thread free, engine lock released, flow run TimedOut in Prefect
-        assert service.queue.wait_idle(10)
-        assert service.engine._lock.acquire(timeout=5)
+        assert service.queue.wait_idle(60)
+        assert service.engine._lock.acquire(timeout=30)
         service.engine._lock.release()
         (run,) = flow_runs_of({"too-slow"})
         assert run.state.name == "TimedOut"
@@ -298,7 +300,9 @@ def test_job_timeout_answers_500_and_abandons_the_render(env, media_url, spy):
 
 
 def test_sigterm_drains_finishes_the_running_job_and_refuses_queued_ones(env, media_url, spy):
-    spy.delay = 2.0
+    # the running job renders until the test releases it, after the SIGTERM (a fixed delay could end before
+    # the second request is queued on a slow machine)
+    spy.delay = 120.0
     spy.fail = MediaError("synthetic failure after a slow render", stage="inference")
     with second_worker(env, musetalk_shutdown_grace_sec=60) as (url, app, server, thread):
         results: dict[str, httpx.Response] = {}
@@ -311,12 +315,13 @@ def test_sigterm_drains_finishes_the_running_job_and_refuses_queued_ones(env, me
         assert spy.started.wait(60)
         queued = threading.Thread(target=post, args=("queued",))
         queued.start()
-        assert wait_until(lambda: app.state.service.queue.busy and len(app.state.service.queue._waiting) == 1, 10)
+        assert wait_until(lambda: app.state.service.queue.busy and len(app.state.service.queue._waiting) == 1, 60)
         server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
         assert app.state.service.health() == (503, {"status": "draining", "detail": "shutting down"})
-        queued.join(30)
-        first.join(60)
-        thread.join(60)
+        spy.release.set()  # the running job ends (with the synthetic failure) inside the grace period
+        queued.join(120)
+        first.join(120)
+        thread.join(120)
         assert not thread.is_alive()
     assert results["queued"].status_code == 503
     assert results["queued"].json()["details"]["reason"] == "draining"
