@@ -73,7 +73,8 @@ class Serve:
 def _assert_clean(code: int, out: str, serve: Serve) -> None:
     assert code == 0, out[-3000:]
     assert "terminate called" not in out and "Traceback" not in out, out[-3000:]
-    assert wait_until(lambda: not serve.survivors(), 15), serve.survivors()
+    # a child told to stop may take a while to exit on a loaded machine; one left running never does
+    assert wait_until(lambda: not serve.survivors(), 60), serve.survivors()
 
 
 def test_sigint_while_importing(tmp_path, tiny_models):

@@ -143,7 +143,7 @@ def test_upload_deadline_bounds_a_hung_call():
         started = time.monotonic()
         with pytest.raises(ProcessingError, match="within 0.2 s") as info:
             _run_with_deadline(lambda: release.wait(10), 0.2, "B2 upload of x")
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # cut off at 0.2 s (slack for a loaded machine), not after 10
         assert info.value.retryable and info.value.stage == "upload"
     finally:
         release.set()
