@@ -8,8 +8,9 @@ hence before the cursor) never shift or repeat the pages still to come."""
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
+from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
@@ -31,11 +32,16 @@ def encode_cursor(run: FlowRun) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """What :func:`encode_cursor` wrote: an aware time that has a UTC equivalent (``0001-01-01T00:00+14:00``
+    has none, and Prefect's database answered such a filter with a 500) and a run id."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, run_id = raw.split("|", 1)
-        return datetime.fromisoformat(when), run_id
-    except Exception:  # noqa: BLE001 — anything a client may have mangled
+        parsed = datetime.fromisoformat(when)
+        if parsed.tzinfo is None:
+            raise ValueError("a cursor's time is aware")
+        return parsed.astimezone(timezone.utc), str(UUID(run_id))
+    except Exception:  # noqa: BLE001 — anything a client may have mangled (ValueError, OverflowError, …)
         raise BadCursor("invalid cursor") from None
 
 

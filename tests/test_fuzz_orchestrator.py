@@ -44,6 +44,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ
                 suppress_health_check=list(HealthCheck), database=None)
 REPO = Path(__file__).resolve().parent.parent
 KEY, INTERNAL = "fuzz-key", "fuzz-internal"
+MEASURED = "ed563892-aacd-40f5-80b7-90c9be6c759b"  # gpu_targets.json's first class, given a benchmark here
 LIMIT = 16 * 1024  # MUSETALK_MAX_REQUEST_BYTES for this app: a few examples go past it
 SEEN: Counter[int] = Counter()
 ACCEPTED: set[str] = set()  # ids of the jobs the API answered 200/202 to
@@ -64,11 +65,17 @@ def api(tmp_path_factory) -> Iterator[Any]:
     from tasks.logs import configure_logging, reset_logging
     from tasks.settings import Settings
 
+    work = tmp_path_factory.mktemp("orch")
+    # one measured Salad class, so that estimates and the salad:<class> route succeed too
+    targets = json.loads((REPO / "gpu_targets.json").read_text())
+    targets[0] = {**targets[0], "benchmark": {"real_time_factor": 0.5, "fps": 60, "price_per_hour": 0.3,
+                                              "job_overhead_s": 3.0}}
+    (work / "gpu_targets.json").write_text(json.dumps(targets))
     with prefect_test_harness(server_startup_timeout=180):
         settings = OrchestratorSettings(musetalk_api_keys=SecretStr(KEY), musetalk_worker_offline_sec=60.0,
-                                        musetalk_gpu_targets=REPO / "gpu_targets.json",
+                                        musetalk_gpu_targets=work / "gpu_targets.json",
                                         musetalk_salad_prices=REPO / "salad_prices.json")
-        workdir = Settings(internal_api_key=SecretStr(INTERNAL), musetalk_workdir=tmp_path_factory.mktemp("orch"),
+        workdir = Settings(internal_api_key=SecretStr(INTERNAL), musetalk_workdir=work,
                            musetalk_max_request_bytes=LIMIT)
         app = create_app(settings, workdir, sweep=False)
         with TestClient(app, raise_server_exceptions=False) as client:
@@ -167,7 +174,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "aspect_ratio": (st.sampled_from(["9:16", "16:9", "1:1"]), json_values),
     "resolution": (st.sampled_from(["720p", "1080p"]), json_values | st.just("9000p")),
     "priority": (st.sampled_from(["urgent", "normal"]), json_values | st.just("asap")),
-    "route": (st.sampled_from(["auto", "gpu", "buffer"]),
+    "route": (st.sampled_from(["auto", "gpu", "buffer", f"salad:{MEASURED}"]),
               st.sampled_from(["salad:", "salad:nope", "moon"]) | hostile_text),
     "params": (st.fixed_dictionaries({}, optional={"batch_size": st.integers(1, 256), "fps": st.integers(1, 60)}),
                st.fixed_dictionaries({}, optional={"batch_size": st.integers(-5, 10**20) | json_values,
@@ -283,13 +290,20 @@ def test_job_paths(api, job_id, method, tail, auth):
     check(r)
 
 
+# times at the ends of the calendar, some with no UTC equivalent (a 500 from Prefect's database once)
+EDGE_TIMES = ["0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59-23:59",
+              "9999-12-31T23:59:59.999999+00:00", "0001-01-01T00:00:00"]
+
+
 @st.composite
 def cursors(draw) -> str:
     kind = draw(st.integers(0, 3))
     if kind == 0:
         return draw(query_text)
-    when = draw(st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()) | hostile_text)
-    raw = f"{when}|{draw(hostile_text)}" if kind < 3 else draw(hostile_text)
+    when = draw(st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()) | hostile_text
+                | st.sampled_from(EDGE_TIMES))
+    run_id = draw(st.uuids().map(str) | hostile_text)
+    raw = f"{when}|{run_id}" if kind < 3 else draw(hostile_text)
     return base64.urlsafe_b64encode(raw.encode("utf-8", "surrogatepass")).decode().rstrip("=" if kind == 1 else "")
 
 
@@ -409,6 +423,9 @@ REGRESSIONS = [
      ("{" + GOOD + ', "webhook_url": "http://2130706433/hook"}').encode(), 422, "invalid_request"),
     ("9000-character Idempotency-Key (was 202)", "POST", "/v1/avatar/jobs", {**J, "idempotency-key": "k" * 9000},
      ("{" + GOOD + "}").encode(), 422, "invalid_request"),
+    ("a cursor at 0001-01-01T00:00+14:00, before UTC's calendar (was 500)", "GET", "/v1/avatar/jobs?cursor="
+     + base64.urlsafe_b64encode(b"0001-01-01T00:00:00+14:00|00000000-0000-0000-0000-000000000000").decode(), J, b"",
+     422, "invalid_request"),
     ("%2F in a job id (was 404 {detail})", "GET", "/v1/avatar/jobs/a%2Fb", J, b"", 404, "not_found"),
     ("wrong method (was 405 {detail})", "PUT", "/v1/avatar/jobs", J, b"", 405, "method_not_allowed"),
     ("unknown path (was 404 {detail})", "GET", "/v1/nope", J, b"", 404, "not_found"),
@@ -466,8 +483,11 @@ def test_the_app_is_still_healthy_and_created_only_accepted_jobs(api):
     from tasks.logs import CONTINUATION
 
     assert api.get("/hc").json() == {"status": "ok"}
+    runs: list[Any] = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[JOB_TAG])))
+        while page := client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[JOB_TAG])),
+                                            limit=200, offset=len(runs)):  # Prefect answers 200 at most
+            runs += page
     assert {job_id_of(r) for r in runs} == ACCEPTED and len(runs) == len(ACCEPTED)
     lines = api.log.getvalue().splitlines()
     broken = [line for line in lines if not (LINE.match(line) or line.startswith(CONTINUATION))
