@@ -474,8 +474,9 @@ def test_hostile_text_a_worker_relays_stays_on_its_log_line(api):
 
 
 def test_the_app_is_still_healthy_and_created_only_accepted_jobs(api):
-    """After every example: /hc answers, Prefect holds exactly the accepted jobs, and every line of the log
-    is a log line of its own (no client or worker text forged one) with no raw control character."""
+    """After every example: /hc answers, Prefect holds exactly the accepted jobs and answers each of them,
+    and every line of the log is a log line of its own (no client or worker text forged one) with no raw
+    control character."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
@@ -489,6 +490,19 @@ def test_the_app_is_still_healthy_and_created_only_accepted_jobs(api):
                                             limit=200, offset=len(runs)):  # Prefect answers 200 at most
             runs += page
     assert {job_id_of(r) for r in runs} == ACCEPTED and len(runs) == len(ACCEPTED)
+    # and every accepted job reads back, one by one and page by page (what was stored can be answered)
+    auth = {"authorization": f"Bearer {KEY}"}
+    for job_id in ACCEPTED:
+        r = api.get(f"/v1/avatar/jobs/{job_id}", headers=auth)
+        assert r.status_code == 200 and r.json()["id"] == job_id, r.text[:300]
+    listed, cursor = [], None
+    while True:
+        page = api.get("/v1/avatar/jobs", params={"limit": 100, **({"cursor": cursor} if cursor else {})},
+                       headers=auth).json()
+        listed += [item["id"] for item in page["items"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert sorted(listed) == sorted(ACCEPTED)
     lines = api.log.getvalue().splitlines()
     broken = [line for line in lines if not (LINE.match(line) or line.startswith(CONTINUATION))
               or CONTROL.search(line) or line.startswith(FORGED_AT)]
