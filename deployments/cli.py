@@ -314,14 +314,16 @@ def cmd_orchestrator(args) -> int:
     from prefect.settings import PREFECT_API_URL
 
     from orchestrator.api import create_app
+    from orchestrator.settings import get_orchestrator_settings
 
+    settings = get_orchestrator_settings()  # a bad variable fails here, before anything is said or started
     if not PREFECT_API_URL.value():
         log.warning("PREFECT_API_URL is not set: the orchestrator uses a temporary Prefect server, and every "
                     "job is lost when it stops (set PREFECT_API_URL, or use musetalk-flow up)")
     # log_config=None: uvicorn's records go to the process's one configuration (tasks/logs.py), as in
     # `serve`; uvicorn's own access formatter would unpack the record's args, which tasks/logs has already
     # folded into the cleaned message (every request then logged a "Logging error" traceback instead)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, log_config=None)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, log_config=None)
     return 0
 
 
@@ -530,13 +532,15 @@ def _configure_logging(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.settings import ConfigurationError
+
     args = build_parser().parse_args(argv)
     if args.func is cmd_serve:
         args.stop_requested = _catch_stop_signals()
-    _configure_logging(args)
     try:
+        _configure_logging(args)  # reads the settings: a bad variable is a usage error, said in one line
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, ConfigurationError) as exc:
         if args.debug:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from musetalk_engine.framing import validate_framing
 from orchestrator.jobs import JobStatus
 from tasks.contract import JobParams
 from tasks.progress import Phase, Status
+from tasks.settings import WORKER_ID_PATTERN
 from tasks.storage import safe_job_id
 
 
@@ -106,9 +107,7 @@ class ErrorBody(BaseModel):
 
 # ---------------------------------------------------------------------------------------- internal (§5)
 
-# A buffer worker's id (BUFFER_WORKER_ID, else its host name) names a Prefect worker, is part of a Prefect
-# variable (at most 5000 characters), a label and log lines: characters safe in all of them, bounded.
-WORKER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+# A buffer worker's id: the rule its own settings check at start (tasks/settings.py says why).
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="letters, digits, . _ : @ -; at most 128")]
 WorkerIdInPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 # The heartbeat's error text is the worker's last failures (it sends at most 500 characters): kept, cut.

@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from musetalk_engine.device_names import DEVICE_PATTERN, canonical_slot_device
@@ -175,6 +175,14 @@ class Settings(BaseSettings):
             raise ValueError(f"MUSETALK_DEVICE {value!r}: use auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("buffer_worker_id")
+    @classmethod
+    def _valid_worker_id(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(WORKER_ID_PATTERN, value):
+            raise ValueError(f"BUFFER_WORKER_ID {value[:40]!r}: use at most 128 letters, digits and . _ : @ - "
+                             "(the orchestrator refuses any other id)")
+        return value
+
     @field_validator("musetalk_devices")
     @classmethod
     def _valid_devices(cls, value: str) -> str:
@@ -247,6 +255,11 @@ class Settings(BaseSettings):
         return path if path.is_absolute() else self.musetalk_workdir / path
 
 
+# A buffer worker's id (BUFFER_WORKER_ID, else the host name) names a Prefect worker, is part of a Prefect
+# variable (at most 5000 characters), a label and log lines: characters safe in all of them, bounded. The
+# orchestrator refuses any other id (422 on every heartbeat), so a worker checks its own at start.
+WORKER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+
 DEVICES_ENV = "MUSETALK_DEVICES"
 
 
@@ -316,10 +329,28 @@ def parse_allowlist(text: str) -> PrivateAllowlist:
     return PrivateAllowlist(frozenset(hosts), tuple(domains), tuple(networks))
 
 
+class ConfigurationError(ValueError):
+    """A setting from the environment or ``.env`` that is not valid; the message names each variable."""
+
+    @classmethod
+    def of(cls, exc: ValidationError) -> "ConfigurationError":
+        """One line for pydantic's report: ``configuration (environment or .env): NAME: why; …``."""
+        parts = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            why = str(error["msg"]).removeprefix("Value error, ")
+            parts.append(why if why.startswith(name) else f"{name}: {why}")
+        return cls("configuration (environment or .env): " + "; ".join(parts))
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings read once per process; ``get_settings.cache_clear()`` re-reads the environment."""
-    return Settings()
+    """Settings read once per process; ``get_settings.cache_clear()`` re-reads the environment.
+    ConfigurationError (one readable line) when a variable is not valid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError.of(exc) from None
 
 
 def secret_values(settings: Settings | None = None) -> list[str]:

@@ -86,6 +86,21 @@ def test_missing_input_file_fails_at_once(media, tmp_path, home):
     assert_one_line_error(proc, seconds, "--video", "nope.mp4", "no such file")
 
 
+@pytest.mark.parametrize("command, bad, needle", [
+    (("generate", "--video", "v.mp4", "--audio", "a.wav", "--out", "o.mp4"), {"MUSETALK_DEVICES": "gpu0"},
+     "MUSETALK_DEVICES: 'gpu0' is not cpu"),
+    (("serve", "--port", "1"), {"BUFFER_WORKER_ID": "gpu box #1", "MUSETALK_BATCH_SIZE": "-3"},
+     "BUFFER_WORKER_ID 'gpu box #1'"),
+    (("orchestrator", "--port", "1"), {"MUSETALK_ROUTE_POLICY": "fastest"}, "MUSETALK_ROUTE_POLICY"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(command, bad, needle, home):
+    """Every entry point reads the same settings; a value they refuse is a usage error (exit 2) in one line
+    that names each bad variable, never pydantic's traceback."""
+    proc, seconds = run_cli(*command, env={**home, **bad, "PREFECT_API_URL": None})
+    line = assert_one_line_error(proc, seconds, "configuration (environment or .env)", needle)
+    assert all(name in line for name in bad), line
+
+
 def test_a_wrong_path_costs_no_heavy_import(tmp_path):
     """Path mistakes are found before torch or Prefect is even imported (each costs seconds)."""
     code = ("import sys; from deployments.cli import main; "
