@@ -30,20 +30,19 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from musetalk_engine.errors import MediaError
 from tasks.contract import JobOutcome, JobRequest, failure_outcome
 from tasks.fetch import check_url_form
 from tasks.settings import Settings
+from tasks.request_body import ClientGone, read_body, replaying
 from tasks.storage import safe_job_id
 
 JOB_PATHS = ("/generate", "/benchmark")
 # What Salad's worker sends (a UUID); kept to characters that are safe in a log line or a file name.
 QUEUE_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_MESSAGE = 1000
-# How much of an over-size body is read and dropped so that the client gets its 413 (see FrontDoor).
-DRAIN_CAP_BYTES = 1024 * 1024
 
 
 def rejected(message: str, *, status: int = 422, stage: str = "validation", job_id: str | None = None,
@@ -103,45 +102,19 @@ class FrontDoor:
         settings = self.settings()
         limit = settings.musetalk_max_request_bytes
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        too_large = rejected(f"the request body is larger than {limit} bytes", status=413,
-                             details={"limit_bytes": limit})
-        # An over-size body is still read (and dropped) up to the drain cap: a client that is still sending
-        # when the 413 goes out sees its connection reset instead of the answer (found by the fuzz test).
-        drain_cap = max(DRAIN_CAP_BYTES, 4 * limit)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > drain_cap:
-            await self._answer(too_large, scope, receive, send)
+        try:
+            body = await read_body(scope, receive, limit)
+        except ClientGone:
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            if not message.get("more_body", False) or size > drain_cap:
-                break
-        if size > limit:
-            await self._answer(too_large, scope, receive, send)
+        if body is None:
+            await self._answer(rejected(f"the request body is larger than {limit} bytes", status=413,
+                                        details={"limit_bytes": limit}), scope, receive, send)
             return
-        body = b"".join(chunks)
         outcome = self._judge(scope["path"], body, headers, settings)
         if outcome is not None:
             await self._answer(outcome, scope, receive, send)
             return
-
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     def _judge(path: str, body: bytes, headers: dict[str, str], settings: Settings) -> JobOutcome | None:

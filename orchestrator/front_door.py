@@ -36,19 +36,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from musetalk_engine.errors import MediaError
 from orchestrator.api_errors import error_response
 from orchestrator.webhooks import check_webhook_url
 from tasks.fetch import check_url_form
+from tasks.request_body import ClientGone, read_body, replaying
 from tasks.settings import Settings
 
 JOBS_PATH = "/v1/avatar/jobs"
 # Deeper than any real metadata; pydantic's serializer gives up (a 500) a few hundred levels down.
 MAX_DEPTH = 32
-# How much of an over-size body is read and dropped so that the client gets its 413.
-DRAIN_CAP_BYTES = 1024 * 1024
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # The type of each framework error status in the contract body.
 TYPE_OF_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -148,27 +147,14 @@ class FrontDoor:
             return
         limit = self.settings.musetalk_max_request_bytes
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        too_large = Refused(413, "too_large", f"the request body is larger than {limit} bytes")
-        drain_cap = max(DRAIN_CAP_BYTES, 4 * limit)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > drain_cap:
-            await self._answer(too_large, scope, receive, send)
+        try:
+            body = await read_body(scope, receive, limit)
+        except ClientGone:
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            if not message.get("more_body", False) or size > drain_cap:
-                break
-        if size > limit:
-            await self._answer(too_large, scope, receive, send)
+        if body is None:
+            await self._answer(Refused(413, "too_large", f"the request body is larger than {limit} bytes"),
+                               scope, receive, send)
             return
-        body = b"".join(chunks)
         try:
             if scope["method"] == "POST" and body:
                 data = strict_json(body)
@@ -177,17 +163,7 @@ class FrontDoor:
         except Refused as refused:
             await self._answer(refused, scope, receive, send)
             return
-
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     async def _answer(refused: Refused, scope: Scope, receive: Receive, send: Send) -> None:
