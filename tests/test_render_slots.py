@@ -242,7 +242,9 @@ def test_get_engine_loads_two_configurations_at_once_and_one_configuration_once(
                 in_flight[0] += 1
                 peak[0] = max(peak[0], in_flight[0])
                 made.append(config.device)
-            time.sleep(0.5)
+            # loads until all three are in flight (waited for, not a fixed 0.5 s a slow machine's late thread
+            # start could miss); a cache that loads one at a time never gets there, each load gives up after 10 s
+            wait_until(lambda: in_flight[0] >= 3, 10, step=0.01)
             with lock:
                 in_flight[0] -= 1
 
