@@ -7,7 +7,9 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,10 +23,11 @@ OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 INT = {"X-Internal-API-Key": INTERNAL}
 JOB = {"video_url": "https://media.example/avatar.mp4", "audio_url": "https://media.example/speech.wav"}
 # Generous for the module's app (a loaded CI machine must not look like a dead worker); the lost-worker
-# test runs its own orchestrator with a short window.
+# tests run their own orchestrator with a short window. Short, but not 3 s: at two busy loops a claim took
+# 4.3 s and a heartbeat 1.6 s, and the sweeper judges a roster read that may be a second old.
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE_SEC = 60.0
-SHORT_OFFLINE_SEC = 3.0
+SHORT_OFFLINE_SEC = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,31 @@ def beat(api, worker, status="idle", capacity=1):
     r = api.post(f"/internal/buffer/workers/{worker}/heartbeat",
                  json={"status": status, "gpu_class": "test", "capacity": capacity}, headers=INT)
     assert r.status_code == 200, r.text
+
+
+@contextmanager
+def beating(api, worker: str, status: str = "idle") -> Iterator[dict[str, str]]:
+    """A live buffer worker: heartbeats every 0.5 s on their own thread, as the real one sends them, also
+    while one of its requests is slow; the yielded ``{"status": ...}`` says what they report. Silent (the
+    worker dies or hangs) once the block ends."""
+    state, stop, failures = {"status": status}, threading.Event(), []
+    beat(api, worker, status)
+
+    def run() -> None:
+        while not stop.wait(0.5):
+            r = api.post(f"/internal/buffer/workers/{worker}/heartbeat", headers=INT,
+                         json={"status": state["status"], "gpu_class": "test", "capacity": 1})
+            if r.status_code != 200:
+                failures.append(r.text)
+
+    thread = threading.Thread(target=run, name=f"beats-{worker}", daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not failures, failures
 
 
 def claim(api, worker):
@@ -243,8 +271,8 @@ def lost_worker_attempts(api):
     leases = []
     for attempt in (1, 2, 3):
         worker = f"doomed-{attempt}"
-        beat(api, worker)
-        job = claim(api, worker)
+        with beating(api, worker):  # alive until its claim is answered (a slow one too), then it dies
+            job = claim(api, worker)
         assert job["musetalk_job_id"] == job_id
         leases.append(job["buffer_job_id"])
         assert api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["attempt"] == attempt
@@ -393,24 +421,22 @@ def test_a_lost_claim_answer_is_requeued_while_its_worker_stays_idle(prefect_api
     with TestClient(make_app(tmp_path, musetalk_worker_offline_sec=SHORT_OFFLINE_SEC)) as api:
         drain(api)
         job_id = submit(api, route="buffer")
-        beat(api, "forgetful")
-        job = claim(api, "forgetful")
-        assert job["musetalk_job_id"] == job_id
-        deadline = time.monotonic() + SHORT_OFFLINE_SEC + 30
-        while api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] != "queued":
-            assert time.monotonic() < deadline, "the orphaned claim was never requeued"
-            beat(api, "forgetful")  # alive and idle: it does not know it holds the job
-            time.sleep(0.5)
+        with beating(api, "forgetful"):  # alive and idle: it does not know it holds the job
+            job = claim(api, "forgetful")
+            assert job["musetalk_job_id"] == job_id
+            deadline = time.monotonic() + SHORT_OFFLINE_SEC + 30
+            while api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] != "queued":
+                assert time.monotonic() < deadline, "the orphaned claim was never requeued"
+                time.sleep(0.5)
         late = api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
                         json={"status": "succeeded", "output_url": "https://out/x.mp4"})
         assert late.status_code == 409
         # a busy worker is never judged that way: it renders what it claimed
-        job = claim(api, "forgetful")
-        until = time.monotonic() + SHORT_OFFLINE_SEC + 3
-        while time.monotonic() < until:
-            beat(api, "forgetful", status="busy")
-            time.sleep(0.5)
-        assert api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] == "running"
+        with beating(api, "forgetful") as worker:
+            job = claim(api, "forgetful")
+            worker["status"] = "busy"
+            time.sleep(SHORT_OFFLINE_SEC + 3)
+            assert api.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["status"] == "running"
         assert api.post(f"/internal/buffer/jobs/{job['buffer_job_id']}/status", headers=INT,
                         json={"status": "succeeded", "output_url": "https://out/x.mp4"}).status_code == 200
 
