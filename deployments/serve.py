@@ -11,8 +11,9 @@ Prefect API is configured; otherwise on Prefect's temporary server, started duri
 Threads, and why each exists:
 
 * uvicorn's event loop: HTTP only. It never renders, so ``/hc`` answers while a job runs.
-* ``engine-loader``: loads each slot's engine (one after another; each is warmed on its own render thread)
-  and Prefect's API at start-up, then ends. ``/hc`` is 503 until every slot is warm (the old worker
+* ``engine-loader``: builds each slot's engine (one after another: :mod:`musetalk_engine.engine` says
+  why), warms each on its own render thread (the first alone, then the others at once) and starts
+  Prefect's API, then ends. ``/hc`` is 503 until every slot is warm (the old worker
   answered ``/hc`` before the models were loaded): a worker configured for four GPUs that says ready with
   three would heartbeat a capacity it does not have, so one GPU that fails to load fails the worker, with
   the device named in ``/hc`` and the heartbeat's error.
@@ -293,9 +294,11 @@ class WorkerService:
 
     def _load(self) -> None:
         """The loader thread: each step runs to its end (torch loading is native code that cannot be
-        interrupted), and shutdown is honoured between steps. The first slot loads alone (it imports the
-        model libraries, whose lazy imports are not safe to race); the others then load at once, each on a
-        thread of its own, so N GPUs are ready in about the time of two loads, not N."""
+        interrupted), and shutdown is honoured between steps. Every slot's engine is built first, one after
+        another: model libraries patch torch for every thread while they build (musetalk_engine.engine),
+        which would also corrupt a warm-up compiling on another thread. Then the first slot warms up alone
+        (it imports the compiler's modules, not safe to race) and the others at once, each on its own render
+        thread and GPU: N GPUs cost N builds but about two warm-ups (graph capture, compilation), not N."""
         started = time.perf_counter()
         self._sweep_workspaces()
         where = ""  # which slot failed, when there are several
@@ -309,15 +312,21 @@ class WorkerService:
             for slot in self.slots:
                 where = self._where(slot)
                 slot.resolved = resolve_device(slot.device)
+            engines = {}
+            for slot in self.slots:
+                where = self._where(slot)
+                if self._cancel_load.is_set():
+                    return
+                engines[slot.index] = self._load_engine(slot)
             first, *rest = self.slots
             where = self._where(first)
-            self._load_slot(first)
+            self._warm_slot(first, engines[first.index])
             if rest:
-                with ThreadPoolExecutor(len(rest), thread_name_prefix="load-slot") as pool:
-                    loads = [(slot, pool.submit(self._load_slot, slot)) for slot in rest]
-                    for slot, load in loads:  # the first failure in slot order is the one reported
+                with ThreadPoolExecutor(len(rest), thread_name_prefix="warm-slot") as pool:
+                    warms = [(slot, pool.submit(self._warm_slot, slot, engines[slot.index])) for slot in rest]
+                    for slot, warm in warms:  # the first failure in slot order is the one reported
                         where = self._where(slot)
-                        load.result()
+                        warm.result()
             where = ""
             if self._cancel_load.is_set():
                 return
@@ -336,12 +345,9 @@ class WorkerService:
         """How an error names the slot, where there are several."""
         return f"{slot.device}: " if len(self.slots) > 1 else ""
 
-    def _load_slot(self, slot: Slot) -> None:
-        """Load and warm one slot's engine (on the calling thread; the warm-up on the slot's render
-        thread); nothing once shutdown has begun."""
-        if self._cancel_load.is_set():
-            return
-        engine = self._load_engine(slot)
+    def _warm_slot(self, slot: Slot, engine: Any) -> None:
+        """Warm a slot's engine on the slot's render thread and give the slot its engine; nothing once
+        shutdown has begun."""
         if self._cancel_load.is_set():
             return
         if not getattr(engine, "warm", False):

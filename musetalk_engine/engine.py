@@ -92,6 +92,13 @@ def _tiny_landmarks(models_dir: Path) -> str | None:
     return None
 
 
+# One engine is built at a time in a process: diffusers and transformers build their models inside context
+# managers that patch torch for every thread (empty "meta" parameters, skipped init) and do not always undo
+# it, so a module another thread built meanwhile came out empty (a serve process builds its slots' engines
+# before any warm-up for the same reason: deployments/serve.py).
+_BUILDING = threading.Lock()
+
+
 class Engine:
     """Models loaded once per process and kept warm; thread-safe for one render at a time."""
 
@@ -102,7 +109,7 @@ class Engine:
         self.paths = ModelPaths(Path(self.config.models_dir), self.config.unet_weights, self.config.unet_config)
         check_models(self.paths)
         self.device = resolve_device(self.config.device)
-        with device_scope(self.device):
+        with _BUILDING, device_scope(self.device):
             self._load()
 
     def _load(self) -> None:

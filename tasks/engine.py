@@ -16,8 +16,11 @@ from musetalk_engine.engine import Engine, EngineConfig
 from .settings import Settings, get_settings
 
 _engines: dict[str, Engine] = {}
-_lock = threading.Lock()  # guards the two dicts; never held while an engine loads
-_loading: dict[str, threading.Lock] = {}  # one per configuration: two slots on two GPUs load at once
+# _lock guards the two dicts and is never held while an engine loads, so a caller of a loaded configuration
+# never waits behind another's load; the per-configuration lock makes a second caller of the same one wait
+# for the first's engine instead of building a twin (builds themselves take turns: musetalk_engine.engine)
+_lock = threading.Lock()
+_loading: dict[str, threading.Lock] = {}
 # a context variable, not a global: it holds for the flow run inside the block (same thread, or a thread
 # Prefect starts with a copy of the context) and for nothing after it
 _serving: ContextVar[Engine | None] = ContextVar("serving_engine", default=None)

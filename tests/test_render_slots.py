@@ -174,8 +174,9 @@ def test_service_is_ready_only_once_every_slot_is_and_names_a_slot_that_failed(t
     service = WorkerService(settings, engine_loader=loader, prefect_warmup=lambda: "none")
     service.start()
     assert wait_until(lambda: len(loaded) == 2, 10)
+    # the first engine is built, but no slot is ready before every engine is built and warm
     assert service.health() == (503, {"status": "loading",
-                                      "detail": "loading and warming the models (1 of 2 render slots ready)"})
+                                      "detail": "loading and warming the models (0 of 2 render slots ready)"})
     assert service.admission("j").body["details"]["reason"] == "not_ready"
     gate.set()
     assert service.wait_ready(10), service.load_error
@@ -199,33 +200,51 @@ def test_service_is_ready_only_once_every_slot_is_and_names_a_slot_that_failed(t
     broken.stop()
 
 
-def test_the_first_slot_loads_alone_and_the_others_load_at_once(tmp_path):
-    """N GPUs are ready in about two load times: the first slot alone (it imports the model libraries), then
-    every other slot on a thread of its own."""
+def test_engines_build_in_turn_then_the_first_warms_alone_and_the_others_at_once(tmp_path):
+    """N GPUs are ready in N builds and about two warm-ups: builds take turns and all come before any
+    warm-up (model libraries patch torch process-wide while building); the first slot warms up alone (it
+    imports the compiler's modules), then the others at once, each on its own render thread."""
     from deployments.serve import WorkerService
 
-    lock, in_flight, seen = threading.Lock(), [0], []
-    together = threading.Barrier(2, timeout=20)  # breaks (a load error) unless slots 2 and 3 load at once
+    lock, events = threading.Lock(), []
+    warming = [0]
+    together = threading.Barrier(2, timeout=20)  # breaks (a load error) unless slots 2 and 3 warm at once
+
+    class Stand_in:
+        warm, gpu = False, {}
+
+        def __init__(self, n: int):
+            self.n = n
+
+        def warmup(self) -> None:
+            with lock:
+                warming[0] += 1
+                events.append(("warm", self.n, warming[0], threading.current_thread().name))
+            if self.n == 1:
+                time.sleep(0.3)  # long enough for another warm-up to start, were it allowed to
+            else:
+                together.wait()
+            with lock:
+                warming[0] -= 1
+            self.warm = True
 
     def loader(slot_settings: Settings) -> Any:
         with lock:
-            in_flight[0] += 1
-            seen.append(in_flight[0])
-            n = len(seen)
-        if n == 1:
-            time.sleep(0.3)  # long enough for a second load to start, were it allowed to
-        else:
-            together.wait()
-        with lock:
-            in_flight[0] -= 1
-        return SimpleNamespace(warm=True, gpu={}, n=n)
+            n = sum(1 for e in events if e[0] == "build") + 1
+            events.append(("build", n, warming[0], threading.current_thread().name))
+        return Stand_in(n)
 
     service = WorkerService(Settings(musetalk_workdir=tmp_path, musetalk_devices="cpu,cpu,cpu"),
                             engine_loader=loader, prefect_warmup=lambda: "none")
     service.start()
     assert service.wait_ready(30), service.load_error
-    assert seen[0] == 1 and max(seen[1:]) == 2  # the first alone, then the other two side by side
-    assert sorted(e.n for e in service.engines) == [1, 2, 3] and service.engines[0].n == 1
+    kinds = [e[0] for e in events]
+    assert kinds == ["build"] * 3 + ["warm"] * 3, events  # every build before any warm-up
+    assert len({e[3] for e in events if e[0] == "build"}) == 1  # one loader thread: builds take turns
+    warms = [e for e in events if e[0] == "warm"]
+    assert warms[0][1:3] == (1, 1) and max(e[2] for e in warms[1:]) == 2  # the first alone, then two at once
+    assert len({e[3] for e in warms}) == 3  # each on its own slot's render thread
+    assert [e.n for e in service.engines] == [1, 2, 3]
     service.stop()
 
 
@@ -266,6 +285,32 @@ def test_get_engine_loads_two_configurations_at_once_and_one_configuration_once(
         t.join(30)
     assert len(made) == 3 and peak[0] == 3  # three configurations, loaded at once; the repeated one once
     assert got[0] is got[1] and len({id(e) for e in got}) == 3
+
+
+def test_engines_built_from_several_threads_have_real_weights(tiny_models, tmp_path):
+    """diffusers/transformers build models under context managers that patch torch for every thread (meta
+    parameters, skipped init): builds take turns, so no engine comes out empty and nothing stays patched.
+    (Any thread making modules during a build is still hit: so the serve process warms up no slot before
+    every engine is built.)"""
+    import torch
+
+    from musetalk_engine.engine import EngineConfig
+
+    built: list[Any] = []
+
+    def build(i: int) -> None:
+        built.append(Engine(EngineConfig(models_dir=tiny_models, device="cpu", cache_dir=tmp_path / f"c{i}")))
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(built) == 3
+    for engine in built:
+        for model in (engine.unet, engine.vae, engine.whisper):
+            assert not any(p.is_meta for p in model.parameters())
+    assert not any(p.is_meta for p in torch.nn.Linear(2, 2).parameters())  # nothing left patched
 
 
 def test_shutdown_gives_each_running_job_the_grace_then_abandons_each(tmp_path):
