@@ -329,10 +329,14 @@ def cmd_orchestrator(args) -> int:
 
 def cmd_up(args) -> int:
     """Prefect, the orchestrator and a local worker on this machine (see deployments/up.py)."""
-    from deployments.up import up
+    from deployments.up import StartError, up
 
-    return up(host=args.host, port=args.port, worker_port=args.worker_port, prefect_port=args.prefect_port,
-              log_dir=Path(args.log_dir), tiny=args.tiny, gpu_worker=args.gpu_worker)
+    try:
+        return up(host=args.host, port=args.port, worker_port=args.worker_port, prefect_port=args.prefect_port,
+                  log_dir=Path(args.log_dir), tiny=args.tiny, gpu_worker=args.gpu_worker)
+    except StartError as exc:  # already one plain line that names the log to read
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def cmd_deploy(args) -> int:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from tasks.http_client import poll_http
 from tasks.logs import disable_telemetry
 
@@ -35,6 +37,10 @@ PY = sys.executable
 START_TIMEOUT_S = 240
 # real weights: loading, and on a GPU capturing graphs or compiling, can take minutes on a first start
 WORKER_READY_TIMEOUT_S = 1200
+
+
+class StartError(RuntimeError):
+    """A part of the system did not start; the message says which, why and where its log is."""
 
 
 class Child:
@@ -61,13 +67,33 @@ def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -
                         request_timeout=2)
     if outcome == "exited":
         assert child is not None
-        raise RuntimeError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+        raise StartError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
     if outcome == "timeout":
-        raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+        raise StartError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def wait_worker_ready(url: str, child: Child, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
+    """Until the worker's ``/hc`` is 200; StartError with the reason as soon as it says its models
+    failed to load (it stays up, answering 503 ``error``, so only its answer tells), or it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise StartError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+        try:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code == 200:
+                return
+            body = answer.json()
+            if isinstance(body, dict) and body.get("status") == "error":
+                raise StartError(f"the worker could not start: {body.get('detail')}; see {child.log_path}")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise StartError(f"{url} did not answer within {timeout:.0f} s; see {child.log_path}")
 
 
 def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, prefect_port: int = 4200,
@@ -114,7 +140,7 @@ def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, pr
         # the banner means "submit now": a job routed while no worker had heartbeated yet would go to the
         # gpu pool, which has no worker here
         print("worker: loading and warming the models …", flush=True)
-        wait_http(f"http://127.0.0.1:{worker_port}/hc", worker, WORKER_READY_TIMEOUT_S)
+        wait_worker_ready(f"http://127.0.0.1:{worker_port}/hc", worker)
         if gpu_worker:
             children.append(Child("gpu-worker", [PY, "-m", "prefect", "worker", "start", "--pool", "gpu",
                                                  "--limit", "1"], dict(env, ORCHESTRATOR_BASE_URL=base), log_dir))
