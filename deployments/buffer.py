@@ -41,6 +41,10 @@ from tasks.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
+# How a heartbeat's error starts when the worker's models did not load: it will never claim (the orchestrator
+# queues nothing behind it)
+LOAD_FAILED = "model load failed"
+
 # Well under the orchestrator's offline window (MUSETALK_WORKER_OFFLINE_SEC, 30 s): after an orchestrator
 # outage the first heartbeat must arrive before the window closes, or a live worker's job is requeued.
 HEARTBEAT_BACKOFF_CAP_SEC = 5.0
@@ -194,7 +198,7 @@ class BufferLoop:
         """Send one heartbeat with the pending error text; True when it got through."""
         pending, n = self.errors.snapshot()
         load_error = self._load_error()
-        error = "; ".join(e for e in (f"model load failed: {load_error}" if load_error else None, pending) if e)
+        error = "; ".join(e for e in (f"{LOAD_FAILED}: {load_error}" if load_error else None, pending) if e)
         try:
             self.client.heartbeat(self.status(), self._gpu_class(), self.capacity, error[:MAX_ERROR_CHARS] or None)
         except Exception as exc:  # noqa: BLE001 — OrchestratorError, or anything else: next beat says so

@@ -77,7 +77,7 @@ from tasks.contract import (JobFailure, JobOutcome, JobRequest, JobSuccess, desc
                             failure_outcome, outcome_from_state, progress_error, timed_out, unavailable)
 from tasks.engine import get_engine, serving
 from deployments.prefect_api import start_prefect_api  # noqa: F401  (tests import it from here)
-from tasks.settings import Settings, get_settings, redact, settings_config
+from tasks.settings import Settings, get_settings, read_settings, redact, settings_config
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class WorkerService:
     def __init__(self, settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
                  options: ServeOptions | None = None, prefect_warmup: Callable[[], Any] | None = None):
         self.settings = settings or get_settings()
-        self.options = options or ServeOptions()
+        self.options = options or read_settings(ServeOptions)
         self.job_timeout = float(self.settings.musetalk_job_timeout_sec)
         self._engine_loader = engine_loader  # None: the process's cached engine per slot (get_engine)
         self._prefect_warmup = prefect_warmup or start_prefect_api

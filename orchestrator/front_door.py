@@ -28,6 +28,7 @@ sending gets its 413 rather than a reset connection (what the workers' front doo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -111,10 +112,13 @@ def _check_text(text: str) -> None:
         raise _not_json("a string holds a lone UTF-16 surrogate") from None
 
 
-def check_job_submit(data: Any, headers: dict[str, str], settings: Settings) -> None:
-    """``POST /v1/avatar/jobs``: the rules that need the settings or a header (the model checks the rest)."""
-    key = headers.get("idempotency-key")
-    if key and not IDEMPOTENCY_KEY.fullmatch(key):
+def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings) -> None:
+    """``POST /v1/avatar/jobs``: the rules that need the settings or a header (the model checks the rest).
+    ``idempotency_keys``: every ``Idempotency-Key`` header sent (the front door and the handler could
+    otherwise read different ones). May look up ``*.localhost`` names: call it off the event loop."""
+    if len(idempotency_keys) > 1:
+        raise Refused(422, "invalid_request", "Idempotency-Key: send it once")
+    if idempotency_keys and not IDEMPOTENCY_KEY.fullmatch(idempotency_keys[0]):
         raise Refused(422, "invalid_request", "Idempotency-Key: at most 255 printable ASCII characters")
     if not isinstance(data, dict):
         return
@@ -146,7 +150,6 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
         limit = self.settings.musetalk_max_request_bytes
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             body = await read_body(scope, receive, limit)
         except ClientGone:
@@ -159,7 +162,8 @@ class FrontDoor:
             if scope["method"] == "POST" and body:
                 data = strict_json(body)
                 if scope["path"].rstrip("/") == JOBS_PATH:
-                    check_job_submit(data, headers, self.settings)
+                    keys = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"idempotency-key"]
+                    await asyncio.to_thread(check_job_submit, data, keys, self.settings)
         except Refused as refused:
             await self._answer(refused, scope, receive, send)
             return

@@ -18,6 +18,7 @@ from typing import Any
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import WorkerStatus
 
+from deployments.buffer import LOAD_FAILED
 from orchestrator.routes import POOL_OF_KIND, Route
 from tasks.salad import salad_configured
 from orchestrator.settings import OrchestratorSettings
@@ -68,9 +69,11 @@ async def idle_buffer_worker(client: PrefectClient, offline_sec: float) -> str |
 
 
 async def buffer_worker_online(client: PrefectClient, offline_sec: float) -> bool:
-    """A buffer worker heartbeated within the offline window (idle, busy or still loading)."""
+    """A buffer worker heartbeated within the offline window (idle, busy or still loading), its models not
+    failed to load (such a worker heartbeats busy for ever)."""
     now = utcnow()
-    return any(w.online(now, offline_sec) for w in (await buffer_workers(client, ROSTER_MAX_AGE_S)).values())
+    return any(w.online(now, offline_sec) and not (w.error or "").startswith(LOAD_FAILED)
+               for w in (await buffer_workers(client, ROSTER_MAX_AGE_S)).values())
 
 
 async def gpu_pool_online(client: PrefectClient) -> bool:

@@ -112,6 +112,7 @@ WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="letters,
 WorkerIdInPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 # The heartbeat's error text is the worker's last failures (it sends at most 500 characters): kept, cut.
 MAX_HEARTBEAT_ERROR_CHARS = 1000
+MAX_GPU_CLASS_CHARS = 128
 
 class ProgressReport(BaseModel):
     status: Status
@@ -119,14 +120,22 @@ class ProgressReport(BaseModel):
     phase: Phase
     metrics: dict[str, Any] | None = None
     error: Any = None
-    worker_id: WorkerId | None = None
+    # only compared with the run's holder, never stored: bounded, not held to the worker-id rule, so a
+    # progress report is never refused for its sender's name
+    worker_id: str | None = Field(None, max_length=256)
 
 
 class Heartbeat(BaseModel):
     status: Literal["idle", "busy"]
-    gpu_class: str | None = Field(None, max_length=128)
+    gpu_class: str | None = None
     capacity: int = Field(1, ge=1)
     error: str | None = None
+
+    @field_validator("gpu_class")
+    @classmethod
+    def _short_class(cls, value: str | None) -> str | None:
+        # cut, not refused: a refused heartbeat would make a live worker look offline
+        return value[:MAX_GPU_CLASS_CHARS] if value else value
 
     @field_validator("error")
     @classmethod

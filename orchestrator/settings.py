@@ -7,10 +7,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings
 
-from tasks.settings import ConfigurationError, settings_config
+from tasks.settings import read_settings, settings_config
 
 # Route kinds the ``auto`` policy may try, in the order an operator lists them.
 ROUTE_KINDS = ("buffer", "gpu", "salad")
@@ -64,7 +64,4 @@ class OrchestratorSettings(BaseSettings):
 def get_orchestrator_settings() -> OrchestratorSettings:
     """Read once per process; ``cache_clear()`` re-reads the environment (tests). ConfigurationError
     (one readable line) when a variable is not valid."""
-    try:
-        return OrchestratorSettings()
-    except ValidationError as exc:
-        raise ConfigurationError.of(exc) from None
+    return read_settings(OrchestratorSettings)

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
 from tasks.http_client import PooledClient
-from tasks.settings import Settings, redact
+from tasks.settings import Settings, read_settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def salad_credentials(env: Optional[Mapping[str, str]] = None) -> dict[str, str]
     now rather than from the cached settings, so a process whose environment changed sees the change."""
     if env is not None:
         return {name: env.get(name) or "" for name in (ENV_API_KEY, ENV_ORG, ENV_PROJECT, ENV_BASE_URL)}
-    settings = Settings()
+    settings = read_settings(Settings)
     key = settings.salad_api_key.get_secret_value() if settings.salad_api_key else ""
     return {ENV_API_KEY: key, ENV_ORG: settings.salad_org_name or "", ENV_PROJECT: settings.salad_project_name or "",
             ENV_BASE_URL: settings.salad_api_base_url or ""}

@@ -29,7 +29,7 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -343,14 +343,22 @@ class ConfigurationError(ValueError):
         return cls("configuration (environment or .env): " + "; ".join(parts))
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """Settings read once per process; ``get_settings.cache_clear()`` re-reads the environment.
-    ConfigurationError (one readable line) when a variable is not valid."""
+SettingsClass = TypeVar("SettingsClass", bound=BaseSettings)
+
+
+def read_settings(cls: type[SettingsClass]) -> SettingsClass:
+    """``cls()`` read from the environment and ``.env`` now; ConfigurationError (one readable line) when a
+    variable is not valid. Every settings class of the project is read through here."""
     try:
-        return Settings()
+        return cls()
     except ValidationError as exc:
         raise ConfigurationError.of(exc) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process; ``get_settings.cache_clear()`` re-reads the environment."""
+    return read_settings(Settings)
 
 
 def secret_values(settings: Settings | None = None) -> list[str]:

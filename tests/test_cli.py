@@ -92,6 +92,7 @@ def test_missing_input_file_fails_at_once(media, tmp_path, home):
     (("serve", "--port", "1"), {"BUFFER_WORKER_ID": "gpu box #1", "MUSETALK_BATCH_SIZE": "-3"},
      "BUFFER_WORKER_ID 'gpu box #1'"),
     (("orchestrator", "--port", "1"), {"MUSETALK_ROUTE_POLICY": "fastest"}, "MUSETALK_ROUTE_POLICY"),
+    (("serve", "--port", "1"), {"MUSETALK_MAX_QUEUED": "-1"}, "MUSETALK_MAX_QUEUED"),  # the service's own options
 ])
 def test_a_bad_setting_is_one_line_naming_the_variable(command, bad, needle, home):
     """Every entry point reads the same settings; a value they refuse is a usage error (exit 2) in one line

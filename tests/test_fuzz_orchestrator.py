@@ -434,8 +434,6 @@ REGRESSIONS = [
      b'{"status": "idle"}', 422, "invalid_request"),
     ("newline in a worker id, later logged (was 200)", "POST", "/internal/buffer/workers/w%0Aforged/heartbeat", I,
      b'{"status": "idle"}', 422, "invalid_request"),
-    ("a 129-character gpu_class", "POST", "/internal/buffer/workers/fuzz-w/heartbeat", I,
-     b'{"status": "busy", "gpu_class": "' + b"g" * 129 + b'"}', 422, "invalid_request"),
     ("invalid UTF-8 to the internal API (was 400 {detail})", "POST", "/internal/buffer/jobs/claim", I, b"\xff",
      422, "invalid_request"),
 ]
@@ -449,12 +447,23 @@ def test_known_hostile_requests(api, what, method, path, headers, content, statu
     assert (r.status_code, r.json()["error"]["type"]) == (status, type_), r.text[:300]
 
 
-def test_a_long_heartbeat_error_is_cut_not_refused(api):
+def test_a_long_heartbeat_error_or_gpu_class_is_cut_not_refused(api):
     """Refusing it would make a live worker look offline; Prefect's variable holds at most 5000 characters
     (a 6000-character error was a 500)."""
-    r = api.post("/internal/buffer/workers/fuzz-w/heartbeat", json={"status": "busy", "error": "e" * 6000},
+    r = api.post("/internal/buffer/workers/fuzz-w/heartbeat", json={"status": "busy", "error": "e" * 6000,
+                                                                    "gpu_class": "g" * 6000},
                  headers={"x-internal-api-key": INTERNAL})
     assert r.status_code == 200, r.text
+
+
+def test_an_idempotency_key_sent_twice_is_refused(api):
+    """The front door and the handler could read different copies: a long key hidden behind a short one
+    reached Prefect (found by review)."""
+    headers = [("authorization", f"Bearer {KEY}"), ("content-type", "application/json"),
+               ("idempotency-key", "k" * 6000), ("idempotency-key", "ok")]
+    r = api.post("/v1/avatar/jobs", content=("{" + GOOD + "}").encode(), headers=headers)
+    check(r)
+    assert r.status_code == 422 and "once" in r.json()["error"]["message"], r.text
 
 
 def test_hostile_text_a_worker_relays_stays_on_its_log_line(api):
@@ -483,6 +492,8 @@ def test_the_app_is_still_healthy_and_created_only_accepted_jobs(api):
     from orchestrator.jobs import JOB_TAG, job_id_of
     from tasks.logs import CONTINUATION
 
+    if not SEEN:
+        pytest.skip("it sums up this module's properties: run it with them")
     assert api.get("/hc").json() == {"status": "ok"}
     runs: list[Any] = []
     with get_client(sync_client=True) as client:

@@ -347,6 +347,9 @@ def test_auto_route_prefers_an_idle_buffer_worker(api, tmp_path):
     # once every buffer worker has gone quiet for the offline window: the gpu pool, queued for a worker
     with TestClient(make_app(tmp_path, musetalk_worker_offline_sec=SHORT_OFFLINE_SEC)) as quiet:
         time.sleep(SHORT_OFFLINE_SEC + 0.5)
+        # online, but its models failed to load: it heartbeats busy for ever and will never claim
+        assert quiet.post("/internal/buffer/workers/broken-loader/heartbeat", headers=INT, json={
+            "status": "busy", "error": "model load failed: MissingWeightsError: unet.pth"}).status_code == 200
         job_id = submit(quiet)
         assert quiet.get(f"/v1/avatar/jobs/{job_id}", headers=AUTH).json()["route"] == "gpu"
         quiet.delete(f"/v1/avatar/jobs/{job_id}", headers=AUTH)
