@@ -19,9 +19,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class ApiError(Exception):
-    """Raised by a handler or dependency; answered as ``status`` with the failure body."""
+    """Raised by a handler, a dependency or the front door; answered as ``status`` with the failure body."""
 
     def __init__(self, status: int, type_: str, message: str):
+        super().__init__(message)
         self.status, self.type, self.message = status, type_, message
 
 

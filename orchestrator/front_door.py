@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from musetalk_engine.errors import MediaError
-from orchestrator.api_errors import error_response
+from orchestrator.api_errors import ApiError, error_response
 from orchestrator.webhooks import check_webhook_url
 from tasks.fetch import check_url_form
 from tasks.request_body import ClientGone, read_body, replaying
@@ -56,19 +56,11 @@ TYPE_OF_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden",
                   422: "invalid_request"}
 
 
-class Refused(Exception):
-    """A request the front door answers itself."""
-
-    def __init__(self, status: int, type_: str, message: str):
-        super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
-
-
 # ------------------------------------------------------------------------------------------ rules
 
 
-def _not_json(what: str) -> Refused:
-    return Refused(422, "invalid_request", f"the body is not valid JSON ({what})")
+def _not_json(what: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"the body is not valid JSON ({what})")
 
 
 def _finite(text: str) -> float:
@@ -83,7 +75,7 @@ def _constant(text: str) -> Any:
 
 
 def strict_json(body: bytes) -> Any:
-    """``body`` as JSON that Prefect can store and send back (see the module doc); :class:`Refused` else."""
+    """``body`` as JSON that Prefect can store and send back (see the module doc); :class:`ApiError` else."""
     try:
         data = json.loads(body, parse_float=_finite, parse_constant=_constant)
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, the int digits limit; nesting
@@ -117,9 +109,9 @@ def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings)
     ``idempotency_keys``: every ``Idempotency-Key`` header sent (the front door and the handler could
     otherwise read different ones). May look up ``*.localhost`` names: call it off the event loop."""
     if len(idempotency_keys) > 1:
-        raise Refused(422, "invalid_request", "Idempotency-Key: send it once")
+        raise ApiError(422, "invalid_request", "Idempotency-Key: send it once")
     if idempotency_keys and not IDEMPOTENCY_KEY.fullmatch(idempotency_keys[0]):
-        raise Refused(422, "invalid_request", "Idempotency-Key: at most 255 printable ASCII characters")
+        raise ApiError(422, "invalid_request", "Idempotency-Key: at most 255 printable ASCII characters")
     if not isinstance(data, dict):
         return
     for field, kind in (("video_url", "video"), ("audio_url", "audio"), ("webhook_url", "webhook")):
@@ -132,7 +124,7 @@ def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings)
             else:
                 check_url_form(value, kind, settings)
         except MediaError as exc:
-            raise Refused(422, "invalid_request", f"{field}: {exc.message}") from None
+            raise ApiError(422, "invalid_request", f"{field}: {exc.message}") from None
 
 
 # ------------------------------------------------------------------------------------------ ASGI
@@ -155,7 +147,7 @@ class FrontDoor:
         except ClientGone:
             return
         if body is None:
-            await self._answer(Refused(413, "too_large", f"the request body is larger than {limit} bytes"),
+            await self._answer(ApiError(413, "too_large", f"the request body is larger than {limit} bytes"),
                                scope, receive, send)
             return
         try:
@@ -164,13 +156,13 @@ class FrontDoor:
                 if scope["path"].rstrip("/") == JOBS_PATH:
                     keys = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"idempotency-key"]
                     await asyncio.to_thread(check_job_submit, data, keys, self.settings)
-        except Refused as refused:
+        except ApiError as refused:
             await self._answer(refused, scope, receive, send)
             return
         await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
-    async def _answer(refused: Refused, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer(refused: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
         # "Connection: close": an over-size body may not have been read to its end
         headers = {"Connection": "close"} if refused.status == 413 else None
         await error_response(refused.status, refused.type, refused.message, headers)(scope, receive, send)
