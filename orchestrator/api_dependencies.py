@@ -51,7 +51,7 @@ def internal_key(workdir: Annotated[Settings, Depends(workdir_settings)],
         raise ApiError(401, "unauthorized", "a valid X-Internal-API-Key is required")
 
 
-Scope = Annotated[str, Depends(api_scope)]
+KeyScope = Annotated[str, Depends(api_scope)]
 Prefect = Annotated[PrefectClient, Depends(prefect_client)]
 OrchSettings = Annotated[OrchestratorSettings, Depends(orchestrator_settings)]
 WorkdirSettings = Annotated[Settings, Depends(workdir_settings)]

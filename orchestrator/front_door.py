@@ -104,7 +104,7 @@ def _check_text(text: str) -> None:
         raise _not_json("a string holds a lone UTF-16 surrogate") from None
 
 
-def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings) -> None:
+def check_job_submit(data: Any, idempotency_keys: list[str], workdir_settings: Settings) -> None:
     """``POST /v1/avatar/jobs``: the rules that need the settings or a header (the model checks the rest).
     ``idempotency_keys``: every ``Idempotency-Key`` header sent (the front door and the handler could
     otherwise read different ones). May look up ``*.localhost`` names: call it off the event loop."""
@@ -120,9 +120,9 @@ def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings)
             continue
         try:
             if kind == "webhook":
-                check_webhook_url(value, settings)
+                check_webhook_url(value, workdir_settings)
             else:
-                check_url_form(value, kind, settings)
+                check_url_form(value, kind, workdir_settings)
         except MediaError as exc:
             raise ApiError(422, "invalid_request", f"{field}: {exc.message}") from None
 
@@ -133,15 +133,15 @@ def check_job_submit(data: Any, idempotency_keys: list[str], settings: Settings)
 class FrontDoor:
     """ASGI middleware applying the table above, then handing the buffered body on to the app."""
 
-    def __init__(self, app: ASGIApp, settings: Settings):
+    def __init__(self, app: ASGIApp, workdir_settings: Settings):
         self.app = app
-        self.settings = settings
+        self.workdir_settings = workdir_settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.settings.musetalk_max_request_bytes
+        limit = self.workdir_settings.musetalk_max_request_bytes
         try:
             body = await read_body(scope, receive, limit)
         except ClientGone:
@@ -155,7 +155,7 @@ class FrontDoor:
                 data = strict_json(body)
                 if scope["path"].rstrip("/") == JOBS_PATH:
                     keys = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"idempotency-key"]
-                    await asyncio.to_thread(check_job_submit, data, keys, self.settings)
+                    await asyncio.to_thread(check_job_submit, data, keys, self.workdir_settings)
         except ApiError as refused:
             await self._answer(refused, scope, receive, send)
             return
@@ -175,7 +175,7 @@ async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSO
                           dict(exc.headers) if exc.headers else None)
 
 
-def install_front_door(app: FastAPI, settings: Settings) -> None:
+def install_front_door(app: FastAPI, workdir_settings: Settings) -> None:
     """The middleware and the framework-error body, on ``app`` (call before it starts)."""
-    app.add_middleware(FrontDoor, settings=settings)
+    app.add_middleware(FrontDoor, workdir_settings=workdir_settings)
     app.add_exception_handler(StarletteHTTPException, _framework_error)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun
 
-from orchestrator.api_dependencies import OrchSettings, Prefect, Scope, WorkdirSettings
+from orchestrator.api_dependencies import KeyScope, OrchSettings, Prefect, WorkdirSettings
 from orchestrator.api_errors import ERRORS, ApiError
 from orchestrator.cancel import NotCancellable, cancel_job
 from orchestrator.estimate import Estimate, EstimateRequest, NoMeasuredClass, estimate_job
@@ -41,7 +41,7 @@ async def health(client: Prefect) -> dict[str, Any]:
 
 
 @router.post("/v1/avatar/jobs", status_code=202, response_model=JobCreated, responses=ERRORS, tags=["jobs"])
-async def create_job(body: JobCreate, client: Prefect, scope: Scope, settings: OrchSettings,
+async def create_job(body: JobCreate, client: Prefect, scope: KeyScope, settings: OrchSettings,
                      workdir_settings: WorkdirSettings, idempotency_key: Annotated[str | None, Header()] = None):
     try:
         submitted = await submit_job(client, body, scope=scope, idempotency_key=idempotency_key,
@@ -57,12 +57,12 @@ async def create_job(body: JobCreate, client: Prefect, scope: Scope, settings: O
 
 
 @router.get("/v1/avatar/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
-async def get_job(job_id: str, client: Prefect, scope: Scope):
+async def get_job(job_id: str, client: Prefect, scope: KeyScope):
     return await job_view(client, await scoped_run(client, job_id, scope))
 
 
 @router.get("/v1/avatar/jobs", response_model=JobList, responses=ERRORS, tags=["jobs"])
-async def list_jobs(client: Prefect, scope: Scope,
+async def list_jobs(client: Prefect, scope: KeyScope,
                     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20, cursor: str | None = None):
     try:
@@ -73,7 +73,7 @@ async def list_jobs(client: Prefect, scope: Scope,
 
 
 @router.delete("/v1/avatar/jobs/{job_id}", status_code=202, responses=ERRORS, tags=["jobs"])
-async def delete_job(job_id: str, client: Prefect, scope: Scope) -> dict[str, str]:
+async def delete_job(job_id: str, client: Prefect, scope: KeyScope) -> dict[str, str]:
     run = await scoped_run(client, job_id, scope)
     try:
         status = await cancel_job(client, run)
@@ -83,7 +83,7 @@ async def delete_job(job_id: str, client: Prefect, scope: Scope) -> dict[str, st
 
 
 @router.post("/v1/avatar/estimate", response_model=Estimate, responses=ERRORS, tags=["jobs"])
-async def estimate(body: EstimateRequest, scope: Scope, settings: OrchSettings, workdir_settings: WorkdirSettings):
+async def estimate(body: EstimateRequest, scope: KeyScope, settings: OrchSettings, workdir_settings: WorkdirSettings):
     targets = known_classes(settings, workdir_settings)
     prices = price_list(settings, workdir_settings)
     try:
