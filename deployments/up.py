@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -62,14 +63,16 @@ class Child:
         self._log.close()
 
 
-def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S) -> None:
+def wait_http(url: str, child: Child | None, timeout: float = START_TIMEOUT_S,
+              not_yet: Callable[[httpx.Response], None] = lambda answer: None) -> None:
     outcome = poll_http(url, timeout, exited=lambda: child is not None and child.proc.poll() is not None,
-                        request_timeout=2)
+                        request_timeout=2, not_yet=not_yet)
     if outcome == "exited":
         assert child is not None
         raise StartError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
     if outcome == "timeout":
-        raise StartError(f"{url} did not answer within {timeout:.0f} s")
+        raise StartError(f"{url} did not answer within {timeout:.0f} s"
+                         + (f"; see {child.log_path}" if child is not None else ""))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -79,21 +82,16 @@ def _interrupt(signum: int, frame: object) -> None:
 def wait_worker_ready(url: str, child: Child, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
     """Until the worker's ``/hc`` is 200; StartError with the reason as soon as it says its models
     failed to load (it stays up, answering 503 ``error``, so only its answer tells), or it exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise StartError(f"{child.name} exited (rc {child.proc.returncode}); see {child.log_path}")
+
+    def load_failed(answer: httpx.Response) -> None:
         try:
-            answer = httpx.get(url, timeout=2)
-            if answer.status_code == 200:
-                return
             body = answer.json()
-            if isinstance(body, dict) and body.get("status") == "error":
-                raise StartError(f"the worker could not start: {body.get('detail')}; see {child.log_path}")
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise StartError(f"{url} did not answer within {timeout:.0f} s; see {child.log_path}")
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("status") == "error":
+            raise StartError(f"the worker could not start: {body.get('detail')}; see {child.log_path}")
+
+    wait_http(url, child, timeout, not_yet=load_failed)
 
 
 def up(*, host: str = "127.0.0.1", port: int = 8080, worker_port: int = 8001, prefect_port: int = 4200,

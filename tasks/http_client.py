@@ -25,18 +25,22 @@ class PooledClient:
         self.close()
 
 
-def poll_http(url: str, timeout: float, *, exited: Callable[[], bool],
-              request_timeout: float) -> Literal["up", "exited", "timeout"]:
+def poll_http(url: str, timeout: float, *, exited: Callable[[], bool], request_timeout: float,
+              not_yet: Callable[[httpx.Response], None] = lambda answer: None) -> Literal["up", "exited", "timeout"]:
     """Asks ``url`` every half second until it answers 200 ("up"), the process meant to serve it has
-    ``exited()`` (checked before each try, so a crash is not waited out), or ``timeout`` s pass."""
+    ``exited()`` (checked before each try, so a crash is not waited out), or ``timeout`` s pass. Every
+    other answer goes to ``not_yet``, which may raise to stop the wait (a server that says it never will)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if exited():
             return "exited"
         try:
-            if httpx.get(url, timeout=request_timeout).status_code == 200:
-                return "up"
+            answer = httpx.get(url, timeout=request_timeout)
         except httpx.HTTPError:
-            pass
+            answer = None
+        if answer is not None:
+            if answer.status_code == 200:
+                return "up"
+            not_yet(answer)
         time.sleep(0.5)
     return "timeout"
