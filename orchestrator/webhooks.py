@@ -213,10 +213,11 @@ def deliver_job_webhook(job_body: Mapping[str, Any], url: str, secret: Union[str
 
 
 def check_webhook_url(url: str, settings: Settings) -> None:
-    """At submit, with no DNS lookup: a webhook URL that can never be delivered is the client's error
-    (:class:`MediaError`). Its form (http(s), a host, a request that can be built) and, when the host is
-    an address — in any spelling the resolver takes: ``127.1``, ``2130706433``, ``[::1]`` — or
-    ``localhost``, the SSRF guard itself. Other names are judged at delivery, after their lookup."""
+    """At submit, looking up no ordinary name: a webhook URL that can never be delivered is the client's
+    error (:class:`MediaError`). Its form (http(s), a host, a request that can be built) and, when the host
+    is an address — in any spelling the resolver takes: ``127.1``, ``2130706433``, ``[::1]`` — or
+    ``localhost``/``*.localhost`` (which the resolver answers itself, so the front door calls this off the
+    event loop), the SSRF guard itself. Other names are judged at delivery, after their lookup."""
     check_url_form(url, _KIND, settings.model_copy(update={"musetalk_allow_local_files": False}))
     host = (urlsplit(url).hostname or "").rstrip(".")
     try:
