@@ -20,7 +20,6 @@ longer, randomised hunt."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import math
@@ -62,7 +61,7 @@ def api(tmp_path_factory) -> Iterator[Any]:
 
     from orchestrator.api import create_app
     from orchestrator.settings import OrchestratorSettings
-    from tasks.logs import configure_logging, reset_logging
+    from tests.log_capture import captured
     from tasks.settings import Settings
 
     work = tmp_path_factory.mktemp("orch")
@@ -79,16 +78,9 @@ def api(tmp_path_factory) -> Iterator[Any]:
                            musetalk_max_request_bytes=LIMIT)
         app = create_app(settings, workdir, sweep=False)
         with TestClient(app, raise_server_exceptions=False) as client:
-            saved = {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "httpx2", "")}
-            client.log = io.StringIO()
-            configure_logging(logging.INFO, fmt="text", max_chars=4000, stream=client.log)
-            logging.getLogger("httpx2").setLevel(logging.WARNING)  # the test client's own request lines
-            try:
+            # the test client's own request lines hidden
+            with captured(levels={"httpx2": logging.WARNING}) as client.log:
                 yield client
-            finally:
-                reset_logging()
-                for name, level in saved.items():
-                    logging.getLogger(name).setLevel(level)
 
 
 def check(r: Any) -> None:

@@ -5,20 +5,17 @@ per line. Also: every entry point turns Prefect's telemetry off before Prefect i
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import httpx
 import pytest
 
-from tasks.logs import (CONTINUATION, TELEMETRY_OFF, clean_text, configure_logging, escape_controls,
-                        reset_logging, scrub_urls)
+from tasks.logs import CONTINUATION, TELEMETRY_OFF, clean_text, escape_controls, scrub_urls
+from tests import log_capture
 from tests.servers import media_server
 
 SIGNATURE = "X-Amz-Signature=c0ffee5ecret"
@@ -36,18 +33,9 @@ def _leaks(text: str) -> list[str]:
     return [s for s in ("c0ffee5ecret", PASSWORD, "AKIA/2026") if s in text]
 
 
-@contextmanager
-def captured(fmt: str = "text", max_chars: int = 4000, level: int = logging.INFO) -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    saved = {n: logging.getLogger(n).level for n in ("httpx", "httpcore", "")}
-    configure_logging(level, fmt=fmt, max_chars=max_chars, stream=stream)
-    logging.getLogger("httpx").setLevel(logging.INFO)  # the request lines the probe found, shown on purpose
-    try:
-        yield stream
-    finally:
-        reset_logging()
-        for name, lvl in saved.items():
-            logging.getLogger(name).setLevel(lvl)
+def captured(fmt: str = "text", max_chars: int = 4000, level: int = logging.INFO):
+    # httpx's request lines (what the probe found leaking) shown on purpose
+    return log_capture.captured(fmt, max_chars, level, levels={"httpx": logging.INFO})
 
 
 @pytest.mark.parametrize("url", URLS)
